@@ -1,0 +1,162 @@
+"""The build recipe: one pydantic object, the single source of defaults.
+
+A recipe is validated in full before any work starts and saved, resolved, into
+the manifest next to what it produced.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherSpec(Section):
+    model: str = Field(DEFAULT_TEACHER, description="'smollm2-135m-instruct' (embedded), a HF model dir, a hub id, or a .gguf file")
+
+
+class StudentSpec(Section):
+    init: Literal["depth_prune", "model"] = Field("depth_prune", description="how the student is made")
+    model: str | None = Field(None, description="student model path/id when init == 'model'")
+    keep_ratio: float = Field(0.5, gt=0.0, le=0.5, description="fraction of teacher layers kept by depth pruning (≤ 0.5)")
+    calib_windows: int = Field(8, ge=1, le=1024, description="calibration windows used to score layer importance")
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> "StudentSpec":
+        if self.init == "model" and not self.model:
+            raise ValueError("student.init is 'model' but student.model is empty; give a model path or id")
+        return self
+
+
+class DataSpec(Section):
+    source: str = Field("stdlib", description="'stdlib' (Python standard library docstrings and sources) or a text file / folder of .txt/.md/.rst/.py")
+    max_chars: int = Field(3_000_000, ge=10_000, description="cap on characters read")
+    heldout_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="share of the text kept out of training, for evaluation")
+    seed: int = 0
+
+
+class DistillSpec(Section):
+    loss: Literal["forward_kl"] = "forward_kl"
+    steps: int = Field(240, ge=1, le=1_000_000)
+    batch_size: int = Field(4, ge=1, le=4096)
+    seq_len: int = Field(128, ge=8, le=32768)
+    lr: float = Field(3e-4, gt=0.0, lt=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+
+class CompressSpec(Section):
+    method: Literal["q8_0", "none"] = Field("q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale)")
+
+
+GgufType = Literal["f32", "f16", "q8_0"]
+
+
+class ExportSpec(Section):
+    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"])
+    onnx: bool = True
+
+    @field_validator("gguf")
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate GGUF types in {v}")
+        return v
+
+
+class EvalSpec(Section):
+    windows: int = Field(24, ge=1, le=100_000, description="held-out windows for perplexity")
+    seq_len: int = Field(256, ge=8, le=32768)
+
+
+class Recipe(Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    compress: CompressSpec = Field(default_factory=CompressSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    def quick(self) -> "Recipe":
+        """Same recipe with small step counts: a few minutes on 2 cores."""
+        r = self.model_copy(deep=True)
+        r.distill.steps = min(r.distill.steps, 30)
+        r.distill.warmup_steps = min(r.distill.warmup_steps, 3)
+        r.student.calib_windows = min(r.student.calib_windows, 4)
+        r.eval.windows = min(r.eval.windows, 8)
+        r.data.max_chars = min(r.data.max_chars, 600_000)
+        return r
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "<recipe>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"recipe field '{loc}': unknown key. Remove it or check its spelling (see `edgedistill recipe --show-defaults`)."
+    got = err.get("input")
+    got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+    return f"recipe field '{loc}': {err['msg']} (got {got_s}). Fix the value or remove it to use the default."
+
+
+def parse_recipe(data: dict[str, Any] | None, *, base_dir: Path | None = None) -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: expected a YAML mapping at the top level, got {type(data).__name__}.")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+    _check_paths(recipe, base_dir or Path.cwd())
+    return recipe
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.endswith(".gguf") or Path(s).suffix in {".txt", ".md", ".rst", ".jsonl"}
+
+
+def _check_paths(recipe: Recipe, base: Path) -> None:
+    """Files named in the recipe must exist before any work starts."""
+    def resolve(field: str, value: str) -> str:
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = base / p
+        if not p.exists():
+            raise RecipeError(
+                f"recipe field '{field}': file or folder '{value}' does not exist (looked at {p}). "
+                "Give an existing path, or a model id for models.")
+        return str(p.resolve())
+
+    if recipe.teacher.model != DEFAULT_TEACHER and _looks_like_path(recipe.teacher.model):
+        recipe.teacher.model = resolve("teacher.model", recipe.teacher.model)
+    if recipe.student.model and _looks_like_path(recipe.student.model):
+        recipe.student.model = resolve("student.model", recipe.student.model)
+    if recipe.data.source != "stdlib":
+        recipe.data.source = resolve("data.source", recipe.data.source)
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    if path is None:
+        return Recipe()
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file '{path}' not found. Pass an existing YAML file, or no argument for the default build.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file '{path}' is not valid YAML: {e}") from None
+    return parse_recipe(data, base_dir=p.parent.resolve())
