@@ -1,0 +1,263 @@
+"""`edgedistill build`: the stages wired through the artifact contract.
+
+Each stage is a small recipe over components: it reads what earlier stages
+wrote (via the manifest), writes its own folder atomically, and returns an
+Artifact. A stage whose inputs hash the same as last time, with its outputs
+intact on disk, is skipped.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .artifacts import Artifact, Manifest, atomic_dir, sha256_json
+from .data.text import Corpus, load_corpus
+from .data.tokens import token_stream, windows
+from .errors import EdgeDistillError
+from .progress import console
+from .recipe import Recipe
+
+STAGE_ORDER = ["teacher", "student_init", "distill", "compress", "export", "eval", "report"]
+VERSIONED = ["torch", "transformers", "tokenizers", "safetensors", "gguf", "onnx", "onnxruntime", "onnxscript",
+             "llama_cpp_python", "numpy", "fastapi"]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "edgedistill": __version__}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    out_dir: Path
+    manifest: Manifest
+    _cache: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.out_dir.joinpath(*parts)
+
+    def metrics(self, stage: str) -> dict:
+        return self.manifest.stages[stage]["metrics"]
+
+    @functools.cached_property
+    def teacher_dir(self) -> str:
+        return self.metrics("teacher")["model_dir"]
+
+    @functools.cached_property
+    def tokenizer(self):
+        from .models import load_tokenizer
+        return load_tokenizer(self.teacher_dir)
+
+    @functools.cached_property
+    def corpus(self) -> Corpus:
+        d = self.recipe.data
+        return load_corpus(d.source, d.max_chars, d.heldout_fraction, d.seed)
+
+    @functools.cached_property
+    def train_stream(self) -> list[int]:
+        r = self.recipe.distill
+        need = (r.steps * r.batch_size + self.recipe.student.calib_windows + 8) * r.seq_len
+        return token_stream(self.tokenizer, self.corpus.train, max_tokens=need)
+
+    @functools.cached_property
+    def eval_windows(self) -> list[list[int]]:
+        e = self.recipe.eval
+        stream = token_stream(self.tokenizer, self.corpus.heldout, max_tokens=e.windows * e.seq_len)
+        return windows(stream, e.seq_len, e.windows, what="held-out text")
+
+
+# ------------------------------------------------------------------ stages
+def stage_teacher(ctx: BuildContext) -> Artifact:
+    from .models import load_causal_lm, model_fingerprint, resolve_model
+    model_dir = resolve_model(ctx.recipe.teacher.model)
+    model = load_causal_lm(model_dir)
+    return Artifact([], {"model_dir": model_dir, "fingerprint": model_fingerprint(model_dir),
+                         "architecture": type(model).__name__, "layers": model.config.num_hidden_layers,
+                         "params": sum(p.numel() for p in model.parameters())})
+
+
+def stage_student_init(ctx: BuildContext) -> Artifact:
+    from .distill.prune import make_depth_pruned_student
+    from .models import load_causal_lm, resolve_model
+    s = ctx.recipe.student
+    dest = ctx.path("student_init")
+    with atomic_dir(dest) as tmp:
+        if s.init == "model":
+            model = load_causal_lm(resolve_model(s.model))
+            model.save_pretrained(tmp)
+            ctx.tokenizer.save_pretrained(tmp)
+            metrics = {"init": "model", "source": s.model, "student_params": sum(p.numel() for p in model.parameters())}
+        else:
+            calib = windows(ctx.train_stream, ctx.recipe.distill.seq_len, s.calib_windows, what="calibration text")
+            teacher = load_causal_lm(ctx.teacher_dir)
+            metrics = {"init": "depth_prune", **make_depth_pruned_student(teacher, ctx.tokenizer, calib, s.keep_ratio, tmp)}
+    return Artifact([dest], metrics)
+
+
+def stage_distill(ctx: BuildContext) -> Artifact:
+    from .distill.train import KDConfig, distill
+    from .models import load_causal_lm
+    d = ctx.recipe.distill
+    cfg = KDConfig(steps=d.steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
+                   weight_decay=d.weight_decay, temperature=d.temperature, grad_clip=d.grad_clip, seed=d.seed)
+    teacher = load_causal_lm(ctx.teacher_dir)
+    student = load_causal_lm(str(ctx.path("student_init")))
+    dest = ctx.path("student")
+    with atomic_dir(dest) as tmp:
+        metrics = distill(teacher, student, ctx.train_stream, cfg, tmp, tokenizer=ctx.tokenizer)
+    return Artifact([dest], {"loss": d.loss, **metrics})
+
+
+def stage_compress(ctx: BuildContext) -> Artifact:
+    from .compress.rtn import CODES_FILE, quantize_model, save_codes
+    from .models import load_causal_lm
+    method = ctx.recipe.compress.method
+    dest = ctx.path("compressed")
+    if method == "none":
+        return Artifact([], {"method": "none"})
+    model = load_causal_lm(str(ctx.path("student")))
+    with atomic_dir(dest) as tmp:
+        codes, metrics = quantize_model(model, method)
+        model.save_pretrained(tmp / "model")
+        ctx.tokenizer.save_pretrained(tmp / "model")
+        save_codes(codes, tmp / CODES_FILE)
+    return Artifact([dest], {"method": method, **metrics})
+
+
+def stage_export(ctx: BuildContext) -> Artifact:
+    from .compress.rtn import CODES_FILE, load_codes
+    from .export.gguf import write_gguf
+    exp = ctx.recipe.export
+    dest = ctx.path("export")
+    metrics: dict = {"gguf": {}, "onnx": None}
+    compressed = ctx.path("compressed")
+    with atomic_dir(dest) as tmp:
+        for qtype in exp.gguf:
+            src, codes = ctx.path("student"), None
+            if qtype == ctx.recipe.compress.method and (compressed / CODES_FILE).is_file():
+                src, codes = compressed / "model", load_codes(compressed / CODES_FILE)
+            name = f"student-{qtype}.gguf"
+            info = write_gguf(src, tmp / name, dtype=qtype, codes=codes)
+            metrics["gguf"][f"export/{name}"] = {**info, "from_codes": codes is not None}
+        if exp.onnx:
+            from .export.onnx import export_onnx
+            info = export_onnx(ctx.path("student"), tmp / "student.onnx")
+            metrics["onnx"] = {k: v for k, v in info.items() if k != "files"}
+    return Artifact([dest], metrics)
+
+
+def exported_files(ctx: BuildContext) -> list[str]:
+    return [o["path"] for o in ctx.manifest.stages["export"]["outputs"] if o["path"].endswith((".gguf", ".onnx"))]
+
+
+def stage_eval(ctx: BuildContext) -> Artifact:
+    from .evaluate import evaluate, torch_logits_fn
+    from .models import load_causal_lm
+    runners = {"teacher": torch_logits_fn(load_causal_lm(ctx.teacher_dir)),
+               "student_init": torch_logits_fn(load_causal_lm(str(ctx.path("student_init")))),
+               "student": torch_logits_fn(load_causal_lm(str(ctx.path("student"))))}
+    if ctx.path("compressed", "model").is_dir():
+        runners["compressed"] = torch_logits_fn(load_causal_lm(str(ctx.path("compressed", "model"))))
+    closers = []
+    for rel in exported_files(ctx):
+        if rel.endswith(".gguf"):
+            from .export.llamacpp import LlamaCppModel
+            m = LlamaCppModel(ctx.path(rel), n_ctx=max(512, ctx.recipe.eval.seq_len))
+        else:
+            from .export.onnx import OnnxModel
+            m = OnnxModel(ctx.path(rel))
+        closers.append(m)
+        runners[rel] = m.logits
+    try:
+        metrics = evaluate(ctx.eval_windows, runners, reference="student")
+    finally:
+        for m in closers:
+            if hasattr(m, "close"):
+                m.close()
+    sizes = {o["path"]: o["bytes"] for o in ctx.manifest.stages["export"]["outputs"]}
+    metrics["bytes"] = {rel: sizes[rel] for rel in exported_files(ctx)}
+    return Artifact([], metrics)
+
+
+def stage_report(ctx: BuildContext) -> Artifact:
+    from .report import write_report
+    return Artifact(write_report(ctx.out_dir, ctx.manifest), {})
+
+
+STAGES: dict[str, Callable[[BuildContext], Artifact]] = {
+    "teacher": stage_teacher, "student_init": stage_student_init, "distill": stage_distill,
+    "compress": stage_compress, "export": stage_export, "eval": stage_eval, "report": stage_report,
+}
+
+
+def stage_inputs(ctx: BuildContext, name: str) -> dict:
+    r = ctx.recipe
+    fp = ctx.manifest.output_fingerprint
+    if name == "teacher":
+        return {"teacher": r.teacher.model_dump()}
+    if name == "student_init":
+        return {"teacher": fp("teacher"), "student": r.student.model_dump(), "data": r.data.model_dump(),
+                "seq_len": r.distill.seq_len}
+    if name == "distill":
+        return {"teacher": fp("teacher"), "student_init": fp("student_init"), "distill": r.distill.model_dump(),
+                "data": r.data.model_dump()}
+    if name == "compress":
+        return {"student": fp("distill"), "compress": r.compress.model_dump()}
+    if name == "export":
+        return {"student": fp("distill"), "compressed": fp("compress"), "export": r.export.model_dump()}
+    if name == "eval":
+        return {s: fp(s) for s in ("teacher", "student_init", "distill", "compress", "export")} | {
+            "eval": r.eval.model_dump(), "data": r.data.model_dump()}
+    if name == "report":
+        return {"eval": fp("eval"), "distill": fp("distill"), "export": fp("export")}
+    raise KeyError(name)
+
+
+def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callable[[str], None] | None = None) -> Manifest:
+    log = log or (lambda msg: console.print(msg))
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeDistillError(f"cannot create output folder '{out_dir}': {e}. Choose a writable --out.") from None
+    manifest = Manifest(out_dir)
+    manifest.data["recipe"] = recipe.model_dump(mode="json")
+    manifest.data["versions"] = package_versions()
+    manifest.data["edgedistill_version"] = __version__
+    manifest.save()
+    ctx = BuildContext(recipe, out_dir, manifest)
+    total = time.perf_counter()
+    for name in STAGE_ORDER:
+        if name == "teacher":
+            # Resolution is cheap once cached, and its fingerprint feeds every later hash.
+            if not force and manifest.is_fresh(name, sha256_json(stage_inputs(ctx, name))):
+                from .models import model_fingerprint
+                rec = manifest.stages[name]
+                if model_fingerprint(rec["metrics"]["model_dir"]) == rec["metrics"]["fingerprint"]:
+                    log(f"[dim]✓ {name}: up to date, skipped[/dim]")
+                    continue
+        input_hash = sha256_json(stage_inputs(ctx, name))
+        if not force and manifest.is_fresh(name, input_hash):
+            log(f"[dim]✓ {name}: up to date, skipped[/dim]")
+            continue
+        log(f"[bold cyan]▶ {name}[/bold cyan]")
+        manifest.invalidate(name)
+        t0 = time.perf_counter()
+        art = STAGES[name](ctx)
+        manifest.record(name, input_hash, time.perf_counter() - t0, art)
+        log(f"[green]✓ {name}[/green] ({time.perf_counter() - t0:.1f}s)")
+    manifest.data["build_seconds_last_run"] = round(time.perf_counter() - total, 2)
+    manifest.save()
+    return manifest

@@ -1,0 +1,68 @@
+import torch
+import torch.nn.functional as F
+
+from edgedistill.data.tokens import token_stream
+from edgedistill.data.text import load_corpus
+from edgedistill.distill.losses import forward_kl
+from edgedistill.distill.prune import block_importance, choose_layers, depth_pruned_copy
+from edgedistill.distill.train import KDConfig, distill
+from edgedistill.models import load_causal_lm
+
+
+def test_forward_kl_matches_dense_reference():
+    torch.manual_seed(0)
+    hs = torch.randn(2, 37, 16, requires_grad=True)
+    ht = torch.randn(2, 37, 24)
+    s_head, t_head = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(24, 50, bias=False)
+    loss = forward_kl(hs, s_head, ht, t_head, temperature=2.0, chunk_tokens=10)
+    ref = F.kl_div(F.log_softmax(s_head(hs) / 2, -1).flatten(0, 1), F.log_softmax(t_head(ht) / 2, -1).flatten(0, 1),
+                   log_target=True, reduction="batchmean") * 4
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    g, = torch.autograd.grad(loss, hs)
+    hs2 = hs.detach().clone().requires_grad_(True)
+    ref2 = F.kl_div(F.log_softmax(s_head(hs2) / 2, -1).flatten(0, 1), F.log_softmax(t_head(ht) / 2, -1).flatten(0, 1),
+                    log_target=True, reduction="batchmean") * 4
+    g2, = torch.autograd.grad(ref2, hs2)
+    assert torch.allclose(g, g2, rtol=1e-4, atol=1e-7)
+
+
+def test_depth_pruning_keeps_the_most_important_layers(tiny_model_dir):
+    teacher = load_causal_lm(str(tiny_model_dir))
+    windows = [[1, 5, 9, 33, 70, 2, 8, 100] * 4]
+    imp = block_importance(teacher, windows)
+    assert len(imp) == 4 and all(x >= 0 for x in imp)
+    keep = choose_layers(imp, 2)
+    assert keep == sorted(sorted(range(4), key=lambda i: -imp[i])[:2])
+    student = depth_pruned_copy(teacher, keep)
+    assert student.config.num_hidden_layers == 2
+    for j, i in enumerate(keep):
+        a = student.model.layers[j].mlp.down_proj.weight
+        b = teacher.model.layers[i].mlp.down_proj.weight
+        assert torch.equal(a, b)
+    # Keeping every layer reproduces the teacher exactly.
+    same = depth_pruned_copy(teacher, [0, 1, 2, 3])
+    x = torch.tensor(windows)
+    assert torch.allclose(same(x).logits, teacher(x).logits, atol=1e-6)
+
+
+def _heldout_kl(teacher, student, batch):
+    with torch.no_grad():
+        h_t = teacher.base_model(input_ids=batch).last_hidden_state
+        h_s = student.base_model(input_ids=batch).last_hidden_state
+        return forward_kl(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings()).item()
+
+
+def test_kd_brings_the_student_closer_to_the_teacher(tiny_model_dir, tiny_tokenizer, tmp_path):
+    teacher = load_causal_lm(str(tiny_model_dir))
+    student = depth_pruned_copy(teacher, [0, 3])
+    corpus = load_corpus("stdlib", max_chars=80_000, seed=3)
+    stream = token_stream(tiny_tokenizer, corpus.train)
+    held = torch.tensor([w for w in [token_stream(tiny_tokenizer, corpus.heldout)[i:i + 64] for i in range(0, 512, 64)]
+                         if len(w) == 64])
+    before = _heldout_kl(teacher, student, held)
+    cfg = KDConfig(steps=40, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=2)
+    m = distill(teacher, student, stream, cfg, tmp_path / "s", tokenizer=tiny_tokenizer)
+    after = _heldout_kl(teacher, student, held)
+    assert after < 0.7 * before, (before, after)
+    assert (tmp_path / "s" / "config.json").is_file() and m["tokens"] == 40 * 4 * 64
+    assert len(m["loss_curve"]) == 40
