@@ -32,7 +32,10 @@ GRIDS: dict[str, Grid] = {
 
 
 def _round_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+    # C roundf. Not floor(|x| + 0.5): for |x| = 0.49999997 that sum rounds up to 1.0 in fp32.
+    a = torch.abs(x)
+    f = torch.floor(a)
+    return torch.sign(x) * (f + (a - f >= 0.5).to(a.dtype))
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
