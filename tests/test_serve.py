@@ -1,0 +1,305 @@
+"""The OpenAI-compatible server: a real uvicorn server (in a thread) serving a GGUF written from the
+tiny model, driven by the official `openai` client; plus GGUF lookup and auth checks."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from edgedistill.artifacts import MANIFEST, atomic_write_json, file_record
+from edgedistill.errors import ServeError
+from edgedistill.serve.app import create_app
+from edgedistill.serve.backend import ChatResult, ContextLengthExceeded, LlamaCppBackend, pick_gguf
+
+MODEL_ID = "tiny-build"
+MAX_TOKENS_CAP = 64
+USER = [{"role": "user", "content": "def add(a, b):"}]
+
+
+def write_manifest(out: Path, outputs: list[dict]) -> None:
+    atomic_write_json(out / MANIFEST, {"stages": {"export": {"status": "done", "outputs": outputs}}})
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A build folder shaped like `edgedistill build` leaves it: export/*.gguf plus manifest.json."""
+    from edgedistill.export.gguf import write_gguf
+
+    out = tmp_path_factory.mktemp("builds") / MODEL_ID
+    gguf = out / "export" / "student-f16.gguf"
+    gguf.parent.mkdir(parents=True)
+    write_gguf(tiny_model_dir, gguf, dtype="f16")
+    write_manifest(out, [file_record(out, gguf)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_url(build_dir):
+    app = create_app(build_dir, max_tokens_cap=MAX_TOKENS_CAP)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket (no race)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=15)
+    sock.close()
+    assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+# ---------------------------------------------------------------- the happy path
+def test_health(base_url):
+    r = httpx.get(f"{base_url}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_chat_completion(client):
+    resp = client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=8, temperature=0, seed=1)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
+    assert resp.model == MODEL_ID
+    [choice] = resp.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.usage.completion_tokens <= 8
+
+
+def test_greedy_is_deterministic_and_length_limited(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=5, temperature=0, stop=["\n\n\n\n"])
+    a, b = (client.chat.completions.create(**kw) for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    if a.choices[0].finish_reason == "length":
+        assert a.usage.completion_tokens == 5
+
+
+def test_model_may_be_omitted(base_url):
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL_ID
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_gguf_chat_template_is_used(build_dir, tiny_tokenizer):
+    """The template comes from the GGUF's metadata, so the prompt is the ChatML the student saw."""
+    backend = LlamaCppBackend(pick_gguf(build_dir), n_ctx=256, n_threads=1)
+    assert backend.chat_template_source == "gguf"
+    res = backend.chat(USER, max_tokens=1, temperature=0.0, top_p=1.0, stop=[], seed=0)
+    prompt = tiny_tokenizer.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
+    expected = len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert res.prompt_tokens in (expected, expected + 1)  # +1: a BOS, if the GGUF asks for one
+
+
+def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
+    """Without `tokenizer.chat_template`, llama-cpp-python would pick Llama-2 [INST]; we want ChatML."""
+    bare = tmp_path / "no-template.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--remove-metadata",
+                    "tokenizer.chat_template", str(pick_gguf(build_dir)), str(bare)], check=True, capture_output=True)
+    backend = LlamaCppBackend(bare, n_ctx=256, n_threads=1)
+    assert backend.chat_template_source == "chatml"
+    res = backend.chat(USER, max_tokens=2, temperature=0.0, top_p=1.0, stop=[], seed=0)
+    assert isinstance(res.text, str) and res.prompt_tokens > 0
+
+
+# ---------------------------------------------------------------- bad requests
+@pytest.mark.parametrize("kw, param", [
+    (dict(messages=[]), "messages"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+    (dict(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    (dict(messages=USER, max_tokens=0), "max_tokens"),
+    (dict(messages=USER, max_tokens=10**9), "max_tokens"),
+    (dict(messages=USER, temperature=2.5), "temperature"),
+    (dict(messages=USER, top_p=0), "top_p"),
+    (dict(messages=USER, stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(messages=USER, n=2), "n"),
+    (dict(messages=USER, stream=False, extra_body={"stream": True}), "stream"),
+])
+def test_bad_request_is_a_400_error_object(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_ID, **kw)
+    err = e.value.response.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+    assert e.value.status_code == 400
+
+
+def test_streaming_is_refused_clearly(client):
+    with pytest.raises(openai.BadRequestError, match="streaming is not supported yet"):
+        client.chat.completions.create(model=MODEL_ID, messages=USER, stream=True)
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2)
+    assert e.value.response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("content, headers", [
+    (b'{"messages": [', {"content-type": "application/json"}),
+    (b"not json at all", {"content-type": "application/json"}),
+    (b"[1, 2]", {"content-type": "application/json"}),
+    (b"", {"content-type": "application/json"}),
+    (b"messages=hi", {"content-type": "text/plain"}),
+])
+def test_malformed_body_is_a_400_error_object(base_url, content, headers):
+    r = httpx.post(f"{base_url}/v1/chat/completions", content=content, headers=headers)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_prompt_longer_than_context_is_a_400(client):
+    long = [{"role": "user", "content": "spam " * 5000}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_ID, messages=long, max_tokens=2)
+    assert e.value.response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_unknown_route_is_an_error_object(base_url):
+    r = httpx.get(f"{base_url}/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_server_still_answers_after_bad_requests(client, base_url):
+    for body in (b"{", b"[]", json.dumps({"messages": []}).encode()):
+        assert httpx.post(f"{base_url}/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}).status_code == 400
+    resp = client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=3, temperature=0)
+    assert isinstance(resp.choices[0].message.content, str)
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------- policy with a fake backend
+class EchoBackend:
+    name = "echo"
+
+    def chat(self, messages, *, max_tokens, temperature, top_p, stop, seed):
+        if messages[-1]["content"] == "too long":
+            raise ContextLengthExceeded("the prompt is longer than the context window")
+        return ChatResult(text=messages[-1]["content"], finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+
+
+def test_api_key_is_required_when_set(tmp_path):
+    http = TestClient(create_app(tmp_path, api_key="s3cret", backend=EchoBackend()))
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    assert http.get("/health").status_code == 200  # liveness probes need no key
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = http.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi"
+
+
+def test_max_tokens_defaults_to_cap_and_stop_string_becomes_list(tmp_path):
+    seen = {}
+
+    class Spy(EchoBackend):
+        def chat(self, messages, **kw):
+            seen.update(kw)
+            return super().chat(messages, **kw)
+
+    http = TestClient(create_app(tmp_path, max_tokens_cap=7, backend=Spy()))
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stop": "END"})
+    assert r.status_code == 200
+    assert seen == dict(max_tokens=7, temperature=1.0, top_p=1.0, stop=["END"], seed=None)
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "too long"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+# ---------------------------------------------------------------- finding the GGUF
+def fake_build(root: Path, names: list[str]) -> Path:
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(b"GGUF" + n.encode())
+    write_manifest(root, [file_record(root, root / n) for n in names])
+    return root
+
+
+def test_pick_gguf_prefers_q8_0(tmp_path):
+    out = fake_build(tmp_path, ["export/student.onnx", "export/student-f16.gguf", "export/student-q8_0.gguf"])
+    assert pick_gguf(out) == (out / "export/student-q8_0.gguf").resolve()
+
+
+def test_pick_gguf_falls_back_to_any_gguf_and_accepts_a_file(tmp_path):
+    out = fake_build(tmp_path, ["export/student.onnx", "export/student-q4_k.gguf"])
+    assert pick_gguf(out) == (out / "export/student-q4_k.gguf").resolve()
+    assert pick_gguf(out / "export/student-q4_k.gguf") == (out / "export/student-q4_k.gguf").resolve()
+
+
+def broken_build(d: Path, case: str) -> Path:
+    """A build folder (or path) broken in one way; returns what to hand to pick_gguf."""
+    if case == "no folder":
+        return d / "missing"
+    if case == "bad json":
+        (d / MANIFEST).write_text("{oops")
+    elif case == "no export stage":
+        atomic_write_json(d / MANIFEST, {"stages": {}})
+    elif case == "no gguf":
+        fake_build(d, ["export/student.onnx"])
+    elif case in ("escapes", "absolute", "missing file"):
+        path = {"escapes": "../outside.gguf", "absolute": "/etc/x.gguf", "missing file": "export/gone.gguf"}[case]
+        (d.parent / "outside.gguf").write_bytes(b"x")
+        write_manifest(d, [{"path": path, "bytes": 1}])
+    elif case == "altered":
+        (fake_build(d, ["export/s.gguf"]) / "export/s.gguf").write_bytes(b"x")
+    elif case == "not gguf":
+        (d / "notes.txt").write_text("hi")
+        return d / "notes.txt"
+    return d
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no folder", "does not exist.*edgedistill build"),
+    ("no manifest", "no manifest.json.*edgedistill build"),
+    ("bad json", "not valid JSON"),
+    ("no export stage", "no finished export stage.*edgedistill build"),
+    ("no gguf", "no GGUF export.*edgedistill build"),
+    ("escapes", "outside the build folder"),
+    ("absolute", "outside the build folder"),
+    ("missing file", "missing on disk"),
+    ("altered", "was altered"),
+    ("not gguf", "not a .gguf file"),
+])
+def test_pick_gguf_errors_are_clear(tmp_path, case, match):
+    build = tmp_path / "build"
+    build.mkdir()
+    with pytest.raises(ServeError, match=match):
+        pick_gguf(broken_build(build, case))
+
+
+def test_create_app_on_an_empty_folder_fails_before_serving(tmp_path):
+    with pytest.raises(ServeError, match="edgedistill build"):
+        create_app(tmp_path)
