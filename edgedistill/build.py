@@ -176,7 +176,7 @@ def stage_eval(ctx: BuildContext) -> Artifact:
             from .export.llamacpp import LlamaCppModel
             m = LlamaCppModel(ctx.path(rel), n_ctx=max(512, ctx.recipe.eval.seq_len))
         else:
-            from .export.onnx import OnnxModel
+            from .export.ort import OnnxModel
             m = OnnxModel(ctx.path(rel))
         closers.append(m)
         runners[rel] = m.logits
