@@ -46,10 +46,10 @@ class DataSpec(Section):
 
 class DistillSpec(Section):
     loss: Literal["forward_kl"] = "forward_kl"
-    steps: int = Field(240, ge=1, le=1_000_000)
+    steps: int = Field(200, ge=1, le=1_000_000)
     batch_size: int = Field(4, ge=1, le=4096)
     seq_len: int = Field(128, ge=8, le=32768)
-    lr: float = Field(3e-4, gt=0.0, lt=1.0)
+    lr: float = Field(1e-3, gt=0.0, lt=1.0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0.0, lt=1.0)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
