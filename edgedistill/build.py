@@ -225,8 +225,25 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
     raise KeyError(name)
 
 
+def _teacher_unchanged(manifest: Manifest, name: str) -> bool:
+    """The teacher lives outside the build folder (a cache or the user's folder): check it did not change."""
+    if name != "teacher":
+        return True
+    from .models import model_fingerprint
+    m = manifest.stages[name]["metrics"]
+    return model_fingerprint(m["model_dir"]) == m["fingerprint"]
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars speak for the stages; silence transformers' per-load bars."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callable[[str], None] | None = None) -> Manifest:
     log = log or (lambda msg: console.print(msg))
+    _quiet_libraries()
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,16 +257,8 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
     ctx = BuildContext(recipe, out_dir, manifest)
     total = time.perf_counter()
     for name in STAGE_ORDER:
-        if name == "teacher":
-            # Resolution is cheap once cached, and its fingerprint feeds every later hash.
-            if not force and manifest.is_fresh(name, sha256_json(stage_inputs(ctx, name))):
-                from .models import model_fingerprint
-                rec = manifest.stages[name]
-                if model_fingerprint(rec["metrics"]["model_dir"]) == rec["metrics"]["fingerprint"]:
-                    log(f"[dim]✓ {name}: up to date, skipped[/dim]")
-                    continue
         input_hash = sha256_json(stage_inputs(ctx, name))
-        if not force and manifest.is_fresh(name, input_hash):
+        if not force and manifest.is_fresh(name, input_hash) and _teacher_unchanged(manifest, name):
             log(f"[dim]✓ {name}: up to date, skipped[/dim]")
             continue
         log(f"[bold cyan]▶ {name}[/bold cyan]")
