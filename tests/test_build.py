@@ -92,3 +92,40 @@ def test_cli_bad_recipe_fails_before_work(tmp_path):
     assert proc.returncode == 2
     assert "distill.steps" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_serves_the_build_to_the_openai_client(built):
+    """`edgedistill serve OUT_DIR` on a real build folder answers the official client over a socket."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    out, _, _ = built
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "edgedistill.cli", "serve", str(out), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Return the sum of a list."}])
+        assert isinstance(r.choices[0].message.content, str)
+        assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 8
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
