@@ -2,6 +2,7 @@
 tiny model, driven by the official `openai` client; plus GGUF lookup and auth checks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -19,7 +20,9 @@ from fastapi.testclient import TestClient
 from edgedistill.artifacts import MANIFEST, atomic_write_json, file_record
 from edgedistill.errors import ServeError
 from edgedistill.serve.app import create_app
-from edgedistill.serve.backend import ChatResult, ContextLengthExceeded, LlamaCppBackend, pick_gguf
+from edgedistill.serve.backend import LlamaCppBackend, Prompt, generate, pick_gguf
+from edgedistill.serve.engine import ContextLengthExceeded, Job, QueueFull
+from edgedistill.serve.events import Delta, Finished, SamplingParams
 
 MODEL_ID = "tiny-build"
 MAX_TOKENS_CAP = 64
@@ -45,7 +48,13 @@ def build_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(build_dir):
-    app = create_app(build_dir, max_tokens_cap=MAX_TOKENS_CAP)
+    with serving(create_app(build_dir, max_tokens_cap=MAX_TOKENS_CAP, slots=4, ctx_per_slot=256, n_threads=1)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run `app` under a real uvicorn server on a free loopback port; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket (no race)
     port = sock.getsockname()[1]
@@ -114,14 +123,20 @@ def test_models(client):
         client.models.retrieve("gpt-4o")
 
 
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+
+
 def test_gguf_chat_template_is_used(build_dir, tiny_tokenizer):
     """The template comes from the GGUF's metadata, so the prompt is the ChatML the student saw."""
-    backend = LlamaCppBackend(pick_gguf(build_dir), n_ctx=256, n_threads=1)
-    assert backend.chat_template_source == "gguf"
-    res = backend.chat(USER, max_tokens=1, temperature=0.0, top_p=1.0, stop=[], seed=0)
+    backend = LlamaCppBackend(pick_gguf(build_dir), slots=1, ctx_per_slot=256, n_threads=1)
+    try:
+        assert backend.chat_template_source == "gguf"
+        _, fin = generate(backend, Prompt(messages=tuple(USER)), GREEDY)
+    finally:
+        backend.close()
     prompt = tiny_tokenizer.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
     expected = len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert res.prompt_tokens in (expected, expected + 1)  # +1: a BOS, if the GGUF asks for one
+    assert fin.prompt_tokens in (expected, expected + 1)  # +1: a BOS, if the GGUF asks for one
 
 
 def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
@@ -129,10 +144,15 @@ def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
     bare = tmp_path / "no-template.gguf"
     subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--remove-metadata",
                     "tokenizer.chat_template", str(pick_gguf(build_dir)), str(bare)], check=True, capture_output=True)
-    backend = LlamaCppBackend(bare, n_ctx=256, n_threads=1)
-    assert backend.chat_template_source == "chatml"
-    res = backend.chat(USER, max_tokens=2, temperature=0.0, top_p=1.0, stop=[], seed=0)
-    assert isinstance(res.text, str) and res.prompt_tokens > 0
+    backend = LlamaCppBackend(bare, slots=1, ctx_per_slot=256, n_threads=1)
+    try:
+        assert backend.chat_template_source == "chatml"
+        rendered = backend.engine.model.detokenize(backend.render(Prompt(messages=tuple(USER))), special=True)
+        assert rendered.decode().endswith("<|im_start|>user\ndef add(a, b):<|im_end|>\n<|im_start|>assistant\n")
+        text, fin = generate(backend, Prompt(messages=tuple(USER)), GREEDY)
+    finally:
+        backend.close()
+    assert isinstance(text, str) and fin.prompt_tokens > 0
 
 
 # ---------------------------------------------------------------- bad requests
@@ -146,7 +166,16 @@ def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
     (dict(messages=USER, top_p=0), "top_p"),
     (dict(messages=USER, stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(messages=USER, n=2), "n"),
-    (dict(messages=USER, stream=False, extra_body={"stream": True}), "stream"),
+    (dict(messages=USER, seed="abc"), "seed"),
+    (dict(messages=USER, max_tokens=-3), "max_tokens"),
+    (dict(messages=USER, max_completion_tokens=0), "max_completion_tokens"),
+    (dict(messages=USER, temperature="hot"), "temperature"),
+    (dict(messages=USER, stop=[""]), "stop"),
+    (dict(messages=[{"role": "user"}]), "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages[0].content"),
+    (dict(messages="hello"), "messages"),
+    (dict(messages=USER, stream=True, stream_options="yes"), "stream_options"),
 ])
 def test_bad_request_is_a_400_error_object(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -154,11 +183,6 @@ def test_bad_request_is_a_400_error_object(client, kw, param):
     err = e.value.response.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
     assert e.value.status_code == 400
-
-
-def test_streaming_is_refused_clearly(client):
-    with pytest.raises(openai.BadRequestError, match="streaming is not supported yet"):
-        client.chat.completions.create(model=MODEL_ID, messages=USER, stream=True)
 
 
 def test_unknown_model_is_a_404(client):
@@ -203,40 +227,163 @@ def test_server_still_answers_after_bad_requests(client, base_url):
 
 
 # ---------------------------------------------------------------- policy with a fake backend
-class EchoBackend:
-    name = "echo"
+class ScriptBackend:
+    """A fake model: replies with `reply` (a list of token texts; default: the user's words), one token per
+    `delay` seconds on its own thread, at most `slots` at once (QueueFull beyond)."""
 
-    def chat(self, messages, *, max_tokens, temperature, top_p, stop, seed):
-        if messages[-1]["content"] == "too long":
+    def __init__(self, reply: list[str] | None = None, *, delay: float = 0.0, slots: int = 8, name: str = "echo"):
+        self.reply, self.delay, self.slots, self.name = reply, delay, slots, name
+        self.active = self.cancelled = 0
+        self.seen: list[SamplingParams] = []
+        self.lock = threading.Lock()
+
+    def start(self, prompt, params, emit):
+        self.seen.append(params)
+        text = prompt.messages[-1]["content"] if prompt.messages else prompt.text
+        if text == "too long":
             raise ContextLengthExceeded("the prompt is longer than the context window")
-        return ChatResult(text=messages[-1]["content"], finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+        with self.lock:
+            if self.active >= self.slots:
+                raise QueueFull("all 1 slots are busy")
+            self.active += 1
+        tokens = self.reply if self.reply is not None else [w + " " for w in text.split()]
+        job = Job([], params, emit)
+
+        def run():
+            try:
+                for t in tokens[:params.max_tokens]:
+                    if job.cancelled:
+                        self.cancelled += 1
+                        return
+                    emit(Delta(t, 1))
+                    time.sleep(self.delay)
+                n = min(len(tokens), params.max_tokens)
+                emit(Finished("length" if len(tokens) > params.max_tokens else "stop", 3, n))
+            finally:
+                with self.lock:
+                    self.active -= 1
+        threading.Thread(target=run, daemon=True).start()
+        return job
+
+    def load(self):
+        return {"queue_depth": 0, "active": self.active, "slots": self.slots}
+
+    def close(self):
+        pass
+
+
+HI = [{"role": "user", "content": "hi there"}]
 
 
 def test_api_key_is_required_when_set(tmp_path):
-    http = TestClient(create_app(tmp_path, api_key="s3cret", backend=EchoBackend()))
+    http = TestClient(create_app(tmp_path, api_key="s3cret", backend=ScriptBackend()))
     body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
     assert http.get("/health").status_code == 200  # liveness probes need no key
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         r = http.post("/v1/chat/completions", json=body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi"
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi "
 
 
 def test_max_tokens_defaults_to_cap_and_stop_string_becomes_list(tmp_path):
-    seen = {}
-
-    class Spy(EchoBackend):
-        def chat(self, messages, **kw):
-            seen.update(kw)
-            return super().chat(messages, **kw)
-
-    http = TestClient(create_app(tmp_path, max_tokens_cap=7, backend=Spy()))
+    backend = ScriptBackend()
+    http = TestClient(create_app(tmp_path, max_tokens_cap=7, backend=backend))
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stop": "END"})
     assert r.status_code == 200
-    assert seen == dict(max_tokens=7, temperature=1.0, top_p=1.0, stop=["END"], seed=None)
+    p = backend.seen[-1]
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop) == (7, 1.0, 1.0, ("END",))
+    r = http.post("/v1/completions", json={"prompt": "x", "seed": 5})
+    assert r.status_code == 200 and backend.seen[-1].max_tokens == 7 and backend.seen[-1].seed == 5
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "too long"}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+THOUGHT = ["<thi", "nk>Two and", " two</th", "ink>\n\nIt is", " 4."]
+
+
+def test_reasoning_is_a_separate_field(tmp_path):
+    with serving(create_app(tmp_path, backend=ScriptBackend(THOUGHT))) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        msg = oa.chat.completions.create(model="echo", messages=HI).choices[0].message
+        assert msg.content == "It is 4."
+        assert msg.model_extra["reasoning"] == msg.model_extra["reasoning_content"] == "Two and two"
+        content, reasoning = "", ""
+        for chunk in oa.chat.completions.create(model="echo", messages=HI, stream=True):
+            if chunk.choices:
+                content += chunk.choices[0].delta.content or ""
+                reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning") or ""
+        assert (content, reasoning) == ("It is 4.", "Two and two")
+
+
+def test_client_disconnect_frees_the_slot(tmp_path):
+    backend = ScriptBackend(["tok "] * 10_000, delay=0.01, slots=1)
+    with serving(create_app(tmp_path, backend=backend, max_tokens_cap=10_000)) as url:
+        body = {"messages": HI, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            while "tok" not in next(lines):
+                pass
+            assert backend.active == 1
+        deadline = time.monotonic() + 10
+        while backend.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.active == 0 and backend.cancelled == 1
+        backend.reply = ["ok"]
+        assert httpx.post(f"{url}/v1/chat/completions", json={"messages": HI}).json()["choices"][0]["message"][
+            "content"] == "ok"
+
+
+def test_full_queue_is_a_429_with_retry_after(tmp_path):
+    backend = ScriptBackend(["tok "] * 10_000, delay=0.01, slots=1)
+    with serving(create_app(tmp_path, backend=backend, max_tokens_cap=10_000)) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": HI, "stream": True}, timeout=30) as r:
+            next(r.iter_lines())
+            with pytest.raises(openai.RateLimitError) as e:
+                oa.chat.completions.create(model="echo", messages=HI)
+            assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+            assert e.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_concurrent_streams_overlap_over_http(tmp_path):
+    """Four streams at once all get tokens before any of them finishes: nothing serialises them."""
+    backend = ScriptBackend(["tok "] * 30, delay=0.02, slots=4)
+    with serving(create_app(tmp_path, backend=backend)) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+        first, last = [0.0] * 4, [0.0] * 4
+
+        def run(i):
+            for chunk in oa.chat.completions.create(model="echo", messages=HI, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content and not first[i]:
+                    first[i] = time.monotonic()
+            last[i] = time.monotonic()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert all(first) and max(first) < min(last)
+
+
+def test_request_id_metrics_ready_and_body_limit(tmp_path):
+    with serving(create_app(tmp_path, backend=ScriptBackend(), max_body_bytes=2000)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": HI}, headers={"X-Request-Id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        assert len(httpx.get(f"{url}/health").headers["x-request-id"]) == 32
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        list(oa.chat.completions.create(model="echo", messages=HI, stream=True))
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 5000}]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert httpx.get(f"{url}/ready").json() == {"status": "ready", "model": "echo"}
+        text = httpx.get(f"{url}/metrics").text
+        for line in ('edgedistill_requests_total{route="/v1/chat/completions",status="200"} 2',
+                     'edgedistill_requests_total{route="unmatched",status="413"} 1',
+                     "edgedistill_completion_tokens_total 4", "edgedistill_prompt_tokens_total 6",
+                     'edgedistill_time_to_first_token_seconds_count{route="/v1/chat/completions"} 2',
+                     'edgedistill_request_duration_seconds_count{route="/ready"} 1',
+                     "edgedistill_queue_depth 0", "edgedistill_active_streams 0"):
+            assert line in text, line
 
 
 # ---------------------------------------------------------------- finding the GGUF
