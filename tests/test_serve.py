@@ -155,6 +155,82 @@ def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
     assert isinstance(text, str) and fin.prompt_tokens > 0
 
 
+def test_chat_stream_matches_non_stream_and_reports_usage(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completions(client):
+    resp = client.completions.create(model=MODEL_ID, prompt="def add(a, b):", max_tokens=6, temperature=0)
+    assert resp.object == "text_completion" and resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens <= 6 and resp.usage.prompt_tokens > 0
+    streamed = client.completions.create(model=MODEL_ID, prompt="def add(a, b):", max_tokens=6, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == resp.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt="x", echo=True)
+
+
+def test_stop_sequence_ends_the_text_before_it(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=24, temperature=1.0, seed=3)  # seeded: varied yet repeatable
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    if len(full) < 6 or not stop.strip():
+        pytest.skip(f"the tiny model's greedy text {full!r} is too short to cut")
+    resp = client.chat.completions.create(**kw, stop=[stop])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].message.content == full[:full.index(stop)]
+    streamed = client.chat.completions.create(**kw, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=16, temperature=1.0, top_p=0.95)
+    a, b = (client.chat.completions.create(**kw, seed=7).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_engine_runs_sequences_together_and_cancel_frees_the_slot(build_dir):
+    """Four jobs in one context all produce tokens before any finishes; a cancelled one frees its slot."""
+    backend = LlamaCppBackend(pick_gguf(build_dir), slots=4, ctx_per_slot=256, n_threads=1)
+    engine = backend.engine
+    try:
+        prompt = backend.render(Prompt(messages=tuple(USER)))
+        log, done = [], threading.Semaphore(0)
+
+        def emitter(i):
+            def emit(ev):
+                log.append((i, type(ev).__name__))
+                if not isinstance(ev, Delta):
+                    done.release()
+            return emit
+        params = SamplingParams(max_tokens=40, temperature=0.0, stop=("\x00",))
+        jobs = [engine.submit(prompt, params, emitter(i)) for i in range(4)]
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        first_finish = next(k for k, (_, kind) in enumerate(log) if kind == "Finished")
+        assert {i for i, kind in log[:first_finish] if kind == "Delta"} == {0, 1, 2, 3}
+
+        seen = []
+        job = engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0),
+                            lambda ev: (seen.append(ev), job.cancel()))
+        deadline = time.monotonic() + 30
+        while (engine.active or not seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active == 0 and len(seen) <= 2 and not any(isinstance(e, Finished) for e in seen)
+        assert engine._free_ids and len(engine._free_ids) == 4
+    finally:
+        backend.close()
+
+
 # ---------------------------------------------------------------- bad requests
 @pytest.mark.parametrize("kw, param", [
     (dict(messages=[]), "messages"),
@@ -339,7 +415,8 @@ def test_full_queue_is_a_429_with_retry_after(tmp_path):
     with serving(create_app(tmp_path, backend=backend, max_tokens_cap=10_000)) as url:
         oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": HI, "stream": True}, timeout=30) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # keep the iterator: dropping it closes the connection
+            next(lines)
             with pytest.raises(openai.RateLimitError) as e:
                 oa.chat.completions.create(model="echo", messages=HI)
             assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
