@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,8 +86,8 @@ class BatchEngine:
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_seq_max = slots
         cp.kv_unified = False  # one KV stream per slot: a fixed, predictable budget for every request
-        if n_threads:
-            cp.n_threads = cp.n_threads_batch = n_threads
+        # llama.cpp's own default (4) oversubscribes small machines; like llama-cpp-python, take half the CPUs.
+        cp.n_threads = cp.n_threads_batch = n_threads or max(1, (os.cpu_count() or 2) // 2)
         cp.no_perf = True
         self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
         self.vocab = self.model.vocab
