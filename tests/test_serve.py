@@ -527,3 +527,25 @@ def test_pick_gguf_errors_are_clear(tmp_path, case, match):
 def test_create_app_on_an_empty_folder_fails_before_serving(tmp_path):
     with pytest.raises(ServeError, match="edgedistill build"):
         create_app(tmp_path)
+
+
+# ---------------------------------------------------------------- the Gradio page
+def test_gradio_page_answers_through_the_api(tmp_path):
+    from gradio_client import Client
+
+    from edgedistill.serve.demo import _text
+
+    backend = ScriptBackend(THOUGHT)
+    with serving(create_app(tmp_path, backend=backend, ui=True)) as url:
+        client = Client(f"{url}/ui/", verbose=False)
+        history, box = client.predict("what is 2+2?", [], 0.0, 32, api_name="/chat")
+    assert box == ""
+    roles = [(m["role"], (m.get("metadata") or {}).get("title")) for m in history]
+    assert roles == [("user", None), ("assistant", "Thinking"), ("assistant", None), ("assistant", "Route")]
+    text = [_text(m["content"]) for m in history]
+    assert text[1] == "Two and two" and text[2] == "It is 4."
+    assert "echo" in text[3] and "3 in / 5 out" in text[3]
+    assert backend.seen[-1].max_tokens == 32 and backend.seen[-1].temperature == 0.0
+    with serving(create_app(tmp_path, backend=ScriptBackend(), ui=True)) as url:  # a second turn sees the first
+        history, _ = Client(f"{url}/ui/", verbose=False).predict("and 3+3?", history, 0.0, 32, api_name="/chat")
+    assert _text(history[-2]["content"]) == "and 3+3? "

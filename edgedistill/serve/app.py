@@ -216,11 +216,13 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 # ---------------------------------------------------------------- assembly
 def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int = 1024,
                backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
-               n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
+               ui: bool = False) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
-    context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After."""
+    context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
+    Gradio chat page at /ui."""
     target = Path(target)
     if backend is None:
         gguf = pick_gguf(target)
@@ -244,6 +246,9 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+    if ui:
+        from .demo import mount_demo
+        mount_demo(app, api_key=api_key, model=backend.name)
     return app
 
 
@@ -255,4 +260,6 @@ def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
     app = create_app(Path(target), **kw)
     if kw.get("api_key") is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    if kw.get("ui"):
+        log.warning("chat page: http://%s:%d/ui", host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
