@@ -94,7 +94,7 @@ class Server:
 
 def ours(gguf: Path, port: int, threads: int, slots: int) -> Server:
     return Server([sys.executable, "-m", "edgedistill.cli", "serve", str(gguf), "--port", str(port),
-                   "--threads", str(threads), "--slots", str(slots), "--ctx", "1024", "--log-level", "warning"], port)
+                   "--threads", str(threads), "--slots", str(slots), "--ctx", "1024", "--no-ui", "--log-level", "warning"], port)
 
 
 def llama_cpp_server(gguf: Path, port: int, threads: int) -> Server:

@@ -53,12 +53,17 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
           max_queue: int = typer.Option(64, min=0, help="requests that may wait for a slot; beyond that, 429"),
           max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask for"),
           ui: bool = typer.Option(True, "--ui/--no-ui", help="mount the Gradio chat page at /ui"),
+          llm: Optional[str] = typer.Option(None, help="a larger model served alongside: an OpenAI-compatible "
+                                            "base URL (vLLM, llama-server, OpenAI) or a build folder / GGUF"),
+          llm_api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_LLM_API_KEY",
+                                                    help="Bearer key for --llm's URL"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
     """Serve the build's GGUF with an OpenAI-compatible API."""
     from .serve.app import run_server
     try:
         run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
-                   n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, log_level=log_level)
+                   n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
+                   llm_api_key=llm_api_key, log_level=log_level)
     except EdgeDistillError as e:
         _fail(e)
 

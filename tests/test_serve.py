@@ -549,3 +549,52 @@ def test_gradio_page_answers_through_the_api(tmp_path):
     with serving(create_app(tmp_path, backend=ScriptBackend(), ui=True)) as url:  # a second turn sees the first
         history, _ = Client(f"{url}/ui/", verbose=False).predict("and 3+3?", history, 0.0, 32, api_name="/chat")
     assert _text(history[-2]["content"]) == "and 3+3? "
+
+
+# ---------------------------------------------------------------- a remote OpenAI-compatible model as fallback
+def test_remote_llm_is_served_as_a_second_model(tmp_path):
+    """`llm=URL` lists the remote model next to ours and forwards to it, streaming, reasoning included."""
+    with serving(create_app(tmp_path / "r", backend=ScriptBackend(THOUGHT, name="big-llm"), api_key="k2")) as remote:
+        app = create_app(tmp_path, backend=ScriptBackend(), llm=f"{remote}/v1", llm_api_key="k2")
+        with serving(app) as url:
+            oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            assert [m.id for m in oa.models.list().data] == ["echo", "big-llm"]
+            r = oa.chat.completions.create(model="big-llm", messages=HI, max_tokens=9)
+            assert (r.model, r.choices[0].message.content) == ("big-llm", "It is 4.")
+            assert r.choices[0].message.model_extra["reasoning"] == "Two and two"
+            assert r.usage.completion_tokens == 5
+            streamed = oa.chat.completions.create(model="big-llm", messages=HI, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "It is 4."
+            assert oa.completions.create(model="big-llm", prompt="x").choices[0].text == "<think>Two and two</think>\n\nIt is 4."
+            assert oa.chat.completions.create(model="echo", messages=HI).choices[0].message.content == "hi there "
+
+
+def test_remote_llm_retries_before_the_first_token_and_reports_failure(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from edgedistill.serve.remote import RemoteBackend
+
+    calls = []
+    fake = FastAPI()
+    fake.get("/health")(lambda: {"status": "ok"})
+
+    @fake.post("/v1/chat/completions")
+    def chat():
+        calls.append(1)
+        if len(calls) % 2:  # every other call is refused
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        chunks = [{"choices": [{"index": 0, "delta": {"content": "pong"}, "finish_reason": "stop"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}]
+        return StreamingResponse(iter([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]))
+
+    with serving(fake) as url:
+        remote = RemoteBackend(f"{url}/v1", model="m", retries=1, backoff_s=0.01)
+        text, fin = generate(remote, Prompt(messages=tuple(HI)), SamplingParams(max_tokens=4))
+        assert (text, fin.completion_tokens, len(calls)) == ("pong", 1, 2)
+        remote.retries = 0
+        with pytest.raises(ServeError, match="HTTP 503: overloaded"):
+            generate(remote, Prompt(messages=tuple(HI)), SamplingParams(max_tokens=4))
+    unreachable = RemoteBackend("http://127.0.0.1:9/v1", model="m", retries=1, backoff_s=0.01, timeout=2)
+    with pytest.raises(ServeError, match="unreachable"):
+        generate(unreachable, Prompt(messages=tuple(HI)), SamplingParams(max_tokens=4))

@@ -217,24 +217,27 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int = 1024,
                backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
-               ui: bool = False) -> FastAPI:
+               ui: bool = False, llm: str | None = None, llm_api_key: str | None = None) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
     context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
-    Gradio chat page at /ui."""
+    Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
+    `llm_api_key`) or another build folder / GGUF."""
     target = Path(target)
     if backend is None:
         gguf = pick_gguf(target)
         name = target.resolve().name if target.is_dir() else gguf.stem
         backend = LlamaCppBackend(gguf, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
                                   max_queue=max_queue, name=name)
-    service = ChatService(backend, max_tokens_cap=max_tokens_cap)
+    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
+    service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        backend.close()
+        for b in service.backends.values():
+            b.close()
 
     app = FastAPI(title="edgedistill", summary=f"OpenAI-compatible API for {backend.name}", lifespan=lifespan)
     app.state.service = service
@@ -250,6 +253,14 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
         from .demo import mount_demo
         mount_demo(app, api_key=api_key, model=backend.name)
     return app
+
+
+def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None) -> Backend:
+    if llm.startswith(("http://", "https://")):
+        from .remote import RemoteBackend
+        return RemoteBackend(llm, api_key=api_key)
+    gguf = pick_gguf(Path(llm))
+    return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=f"llm-{gguf.stem}")
 
 
 def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

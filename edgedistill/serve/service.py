@@ -82,6 +82,7 @@ class Generation:
     """One backend generation seen from the event loop: an async iterator of events; closing it cancels."""
 
     def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams):
+        self.model = backend.name
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.started = time.perf_counter()
@@ -135,10 +136,16 @@ def _sse(obj: dict) -> str:
 
 
 class ChatService:
-    def __init__(self, backend: Backend, *, max_tokens_cap: int, split_reasoning: bool = True):
+    """Serves `backend` (the default model) and optionally `fallback` (a larger model, listed second)."""
+
+    def __init__(self, backend: Backend, *, max_tokens_cap: int, split_reasoning: bool = True,
+                 fallback: Backend | None = None):
         if max_tokens_cap < 1:
             raise ServeError(f"max_tokens_cap must be at least 1, got {max_tokens_cap}.")
+        if fallback is not None and fallback.name == backend.name:
+            raise ServeError(f"the fallback model is also called '{backend.name}'; give it another name.")
         self.backend = backend
+        self.backends = {b.name: b for b in (backend, fallback) if b is not None}
         self.max_tokens_cap = max_tokens_cap
         self.split_reasoning = split_reasoning
         self.created = int(time.time())
@@ -149,24 +156,24 @@ class ChatService:
         return self.backend.name
 
     def models(self) -> ModelList:
-        return ModelList(data=[self.model(self.model_id)])
+        return ModelList(data=[self.model(name) for name in self.backends])
 
     def model(self, model_id: str) -> ModelCard:
-        self._check_model(model_id)
-        return ModelCard(id=self.model_id, created=self.created)
+        self._backend_for(model_id)
+        return ModelCard(id=model_id, created=self.created)
 
     # ------------------------------------------------------------ starting
     def start_chat(self, req: ChatCompletionRequest) -> Generation:
+        backend = self._backend_for(req.model)
         params = self._params(req, default_max=self.max_tokens_cap)
-        return Generation(self.backend, Prompt(messages=tuple(m.as_template_message() for m in req.messages)), params)
+        return Generation(backend, Prompt(messages=tuple(m.as_template_message() for m in req.messages)), params)
 
     def start_completion(self, req: CompletionRequest) -> Generation:
+        backend = self._backend_for(req.model)
         params = self._params(req, default_max=min(DEFAULT_COMPLETION_TOKENS, self.max_tokens_cap))
-        return Generation(self.backend, Prompt(text=req.text), params)
+        return Generation(backend, Prompt(text=req.text), params)
 
     def _params(self, req: SamplingRequest, *, default_max: int) -> SamplingParams:
-        if req.model is not None:
-            self._check_model(req.model)
         max_tokens = req.requested_max_tokens or default_max
         if max_tokens > self.max_tokens_cap:
             raise ApiError(400, f"max_tokens is {max_tokens}, but this server allows at most "
@@ -179,10 +186,14 @@ class ChatService:
             seed=random.getrandbits(32) if req.seed is None else req.seed & 0xFFFFFFFF,
             stop=tuple(req.stop or ()))
 
-    def _check_model(self, model_id: str) -> None:
-        if model_id != self.model_id:
-            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{self.model_id}'",
+    def _backend_for(self, model_id: str | None) -> Backend:
+        if model_id is None:
+            return self.backend
+        if model_id not in self.backends:
+            served = ", ".join(f"'{n}'" for n in self.backends)
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")
+        return self.backends[model_id]
 
     # ------------------------------------------------------------ finishing
     async def collect(self, gen: Generation, route: str) -> tuple[str, Finished]:
@@ -201,7 +212,7 @@ class ChatService:
         text, fin = await self.collect(gen, "/v1/chat/completions")
         reasoning, content = self._split(text)
         return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_id,
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=gen.model,
             choices=[ChatChoice(message=AssistantMessage(content=content, reasoning=reasoning,
                                                          reasoning_content=reasoning),
                                 finish_reason=fin.finish_reason)],
@@ -209,7 +220,7 @@ class ChatService:
 
     async def completion(self, gen: Generation) -> Completion:
         text, fin = await self.collect(gen, "/v1/completions")
-        return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_id,
+        return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=gen.model,
                           choices=[CompletionChoice(text=text, finish_reason=fin.finish_reason)], usage=_usage(fin))
 
     def _split(self, text: str) -> tuple[str | None, str]:
@@ -225,7 +236,7 @@ class ChatService:
         route = "/v1/chat/completions" if chat else "/v1/completions"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_id}
+                "created": int(time.time()), "model": gen.model}
         splitter = ThinkSplitter() if chat and self.split_reasoning else None
 
         def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None) -> str:
