@@ -410,6 +410,17 @@ def test_client_disconnect_frees_the_slot(tmp_path):
             "content"] == "ok"
 
 
+def test_client_hanging_up_on_a_non_streamed_request_frees_the_slot(tmp_path):
+    backend = ScriptBackend(["tok "] * 10_000, delay=0.01, slots=1)
+    with serving(create_app(tmp_path, backend=backend, max_tokens_cap=10_000)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={"messages": HI}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while backend.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.active == 0 and backend.cancelled == 1
+
+
 def test_full_queue_is_a_429_with_retry_after(tmp_path):
     backend = ScriptBackend(["tok "] * 10_000, delay=0.01, slots=1)
     with serving(create_app(tmp_path, backend=backend, max_tokens_cap=10_000)) as url:

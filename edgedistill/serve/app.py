@@ -8,6 +8,7 @@ usual typed exceptions.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,7 +17,7 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,21 +69,32 @@ def retrieve_model(model_id: str, service: Service) -> ModelCard:
 
 
 @v1.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(req: ChatCompletionRequest, service: Service) -> Any:
+async def chat_completions(req: ChatCompletionRequest, service: Service, request: Request) -> Any:
     gen = service.start_chat(req)
     if req.stream:
         return StreamingResponse(service.stream(gen, chat=True, include_usage=req.include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    return await service.chat_completion(gen)
+    return await _unless_disconnected(request, service.chat_completion(gen))
 
 
 @v1.post("/completions", response_model=Completion)
-async def completions(req: CompletionRequest, service: Service) -> Any:
+async def completions(req: CompletionRequest, service: Service, request: Request) -> Any:
     gen = service.start_completion(req)
     if req.stream:
         return StreamingResponse(service.stream(gen, chat=False, include_usage=req.include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    return await service.completion(gen)
+    return await _unless_disconnected(request, service.completion(gen))
+
+
+async def _unless_disconnected(request: Request, answer: Awaitable[Any], poll_s: float = 0.5) -> Any:
+    """Await `answer`, but give its slot back if the client hangs up first (nobody would read the result)."""
+    task = asyncio.ensure_future(answer)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
+    return task.result()
 
 
 probes = APIRouter()
