@@ -2,8 +2,9 @@
 
 For each GGUF: N streaming chat requests from C concurrent clients (temperature 0, fixed
 max_tokens) against `edgedistill serve` and against `python -m llama_cpp.server` (tuned:
---interrupt_requests False, same thread count); then ours with one client against llama.cpp
-called directly in-process (the server's overhead). Generated tokens are counted the same way
+--interrupt_requests False, same thread count), in alternating rounds of C requests; then ours
+with one client against llama.cpp called directly in-process (the server's overhead), request
+by request alternately. Generated tokens are counted the same way
 for both servers: the streamed text re-tokenized by the model's own vocabulary.
 
 Everything binds 127.0.0.1; both servers are child processes stopped at the end. The last line
@@ -81,6 +82,11 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError(f"server did not come up; see {self.log.name}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -126,8 +132,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     return {"latency": time.perf_counter() - t0, "ttft": ttft, "text": "".join(text)}
 
 
-async def load(url: str, model: str, n_requests: int, concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
-    queue = list(range(n_requests))
+async def load(url: str, model: str, n_requests: int, concurrency: int, max_tokens: int,
+               first: int = 0) -> tuple[list[dict], float]:
+    queue = list(range(first, first + n_requests))
     results: list[dict] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -159,36 +166,49 @@ def summarize(results: list[dict], wall: float, count) -> dict:
             "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95)}
 
 
-def run_load(server: Server, n: int, c: int, max_tokens: int, count) -> dict:
-    model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
-    asyncio.run(load(server.url, model, min(c, 2), min(c, 2), 8))  # warm-up
-    results, wall = asyncio.run(load(server.url, model, n, c, max_tokens))
-    return summarize(results, wall, count)
+def summarize_runs(runs: list[tuple[list[dict], float, float]], count) -> dict:
+    """Also tokens per CPU-second of the serving process: on a shared machine the wall-clock rate mostly
+    measures how much CPU the scheduler granted, the CPU rate measures the work each token cost."""
+    results = [r for rs, _, _ in runs for r in rs]
+    out = summarize(results, sum(w for _, w, _ in runs), count)
+    cpu = sum(c for _, _, c in runs)
+    out["cpu_s"] = round(cpu, 2)
+    out["tok_per_cpu_s"] = round(out["generated_tokens"] / cpu, 1) if cpu else None
+    return out
 
 
-def direct(gguf: Path, n: int, max_tokens: int, threads: int, count) -> dict:
-    """llama.cpp through llama-cpp-python in this process: the same requests, one after another."""
-    from llama_cpp import Llama
+def server_round(server: Server, model: str, prompts_from: int, n: int, c: int, max_tokens: int):
+    cpu0 = server.cpu_seconds()
+    results, wall = asyncio.run(load(server.url, model, n, c, max_tokens, first=prompts_from))
+    return results, wall, server.cpu_seconds() - cpu0
 
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
-    llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)  # warm-up
-    t0, results = time.perf_counter(), []
-    for i in range(n):
+
+class Direct:
+    """llama.cpp through llama-cpp-python in this process, one request at a time (no server at all)."""
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+
+    def request(self, prompt: str, max_tokens: int) -> tuple[list[dict], float, float]:
+        cpu0 = time.process_time()
         s = time.perf_counter()
         ttft, text = None, []
-        for chunk in llm.create_chat_completion([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                                max_tokens=max_tokens, temperature=0, stream=True):
+        for chunk in self.llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                                     temperature=0, stream=True):
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:
                 ttft = ttft if ttft is not None else time.perf_counter() - s
                 text.append(piece)
-        results.append({"latency": time.perf_counter() - s, "ttft": ttft, "text": "".join(text)})
-    wall = time.perf_counter() - t0
-    llm.close()
-    return summarize(results, wall, count)
+        wall = time.perf_counter() - s
+        return [{"latency": wall, "ttft": ttft, "text": "".join(text)}], wall, time.process_time() - cpu0
 
 
 def bench_model(gguf: Path, args: argparse.Namespace) -> dict:
+    """Both servers run side by side (idle while the other is measured) and the measurements alternate
+    round by round, so drift in the machine's load hits both alike."""
     from llama_cpp import Llama
 
     vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
@@ -196,19 +216,33 @@ def bench_model(gguf: Path, args: argparse.Namespace) -> dict:
     def count(text: str) -> int:
         return len(vocab.tokenize(text.encode(), add_bos=False, special=False)) if text else 0
 
+    c, mt = args.concurrency, args.max_tokens
+    runs: dict[str, list] = {"ours_concurrent": [], "llama_cpp_server_concurrent": [], "ours_1_stream": [],
+                             "llama_cpp_direct_1_stream": []}
+    with ours(gguf, free_port(), args.threads, c) as mine, llama_cpp_server(gguf, free_port(), args.threads) as anchor:
+        models = {s: httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"] for s in (mine, anchor)}
+        for s in (mine, anchor):
+            server_round(s, models[s], 0, 2, 2, 8)  # warm-up
+        for r in range(max(1, args.requests // c)):
+            runs["ours_concurrent"].append(server_round(mine, models[mine], r * c, c, c, mt))
+            runs["llama_cpp_server_concurrent"].append(server_round(anchor, models[anchor], r * c, c, c, mt))
+        direct = Direct(gguf, args.threads)
+        for i in range(args.single_requests):
+            runs["ours_1_stream"].append(server_round(mine, models[mine], i, 1, 1, mt))
+            runs["llama_cpp_direct_1_stream"].append(direct.request(PROMPTS[i % len(PROMPTS)], mt))
+        direct.llm.close()
     out: dict = {"gguf": str(gguf), "bytes": gguf.stat().st_size}
-    with ours(gguf, free_port(), args.threads, args.concurrency) as s:
-        out["ours_concurrent"] = run_load(s, args.requests, args.concurrency, args.max_tokens, count)
-        out["ours_1_stream"] = run_load(s, args.single_requests, 1, args.max_tokens, count)
-    with llama_cpp_server(gguf, free_port(), args.threads) as s:
-        out["llama_cpp_server_concurrent"] = run_load(s, args.requests, args.concurrency, args.max_tokens, count)
-    out["llama_cpp_direct_1_stream"] = direct(gguf, args.single_requests, args.max_tokens, args.threads, count)
+    out.update({k: summarize_runs(v, count) for k, v in runs.items()})
     a, b = out["ours_concurrent"], out["llama_cpp_server_concurrent"]
     out["speedup_tok_s"] = round(a["tok_s"] / b["tok_s"], 2) if b["tok_s"] else None
     out["ttft_p95_ratio_ours_over_anchor"] = (round(a["ttft_p95_s"] / b["ttft_p95_s"], 3)
                                               if a["ttft_p95_s"] and b["ttft_p95_s"] else None)
     o1, d1 = out["ours_1_stream"], out["llama_cpp_direct_1_stream"]
     out["overhead_1_stream"] = round(1 - o1["tok_s"] / d1["tok_s"], 3) if d1["tok_s"] else None
+    out["speedup_tok_per_cpu_s"] = (round(a["tok_per_cpu_s"] / b["tok_per_cpu_s"], 2)
+                                    if a["tok_per_cpu_s"] and b["tok_per_cpu_s"] else None)
+    out["overhead_1_stream_cpu"] = (round(1 - o1["tok_per_cpu_s"] / d1["tok_per_cpu_s"], 3)
+                                    if o1["tok_per_cpu_s"] and d1["tok_per_cpu_s"] else None)
     return out
 
 

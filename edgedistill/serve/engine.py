@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from ..errors import ServeError
 from .events import Delta, Event, Failed, Finished, SamplingParams
 
 log = logging.getLogger(__name__)
+
+# One KV stream per slot (not unified): every request gets a fixed, predictable context budget.
+KV_UNIFIED = False
 
 
 class QueueFull(ServeError):
@@ -50,7 +55,7 @@ class _Sequence:
     """A job while it holds a slot: its KV position, sampler and the text it has produced."""
     job: Job
     seq_id: int
-    sampler: ctypes.c_void_p
+    sampler: ctypes.c_void_p | None  # None: greedy
     fed: int = 0  # prompt tokens already in the KV cache
     n_past: int = 0
     next_token: int | None = None  # sampled, not yet fed back
@@ -74,9 +79,9 @@ class BatchEngine:
 
         _logger.set_verbose(False)  # llama.cpp's load log goes to stderr otherwise (errors still show)
 
-        if slots < 1 or ctx_per_slot < 16 or max_queue < 0:
-            raise ServeError(f"slots ({slots}) must be >= 1, ctx_per_slot ({ctx_per_slot}) >= 16 and "
-                             f"max_queue ({max_queue}) >= 0.")
+        if not 1 <= slots <= n_batch or ctx_per_slot < 16 or max_queue < 0:
+            raise ServeError(f"slots ({slots}) must be between 1 and n_batch ({n_batch}), ctx_per_slot "
+                             f"({ctx_per_slot}) >= 16 and max_queue ({max_queue}) >= 0.")
         self._ll = llama_cpp
         path = Path(gguf_path)
         self.model = _internals.LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(),
@@ -85,7 +90,7 @@ class BatchEngine:
         cp.n_ctx = slots * ctx_per_slot
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_seq_max = slots
-        cp.kv_unified = False  # one KV stream per slot: a fixed, predictable budget for every request
+        cp.kv_unified = KV_UNIFIED
         # llama.cpp's own default (4) oversubscribes small machines; like llama-cpp-python, take half the CPUs.
         cp.n_threads = cp.n_threads_batch = n_threads or max(1, (os.cpu_count() or 2) // 2)
         cp.no_perf = True
@@ -94,6 +99,9 @@ class BatchEngine:
         self.slots, self.ctx_per_slot, self.n_batch, self.max_queue = slots, ctx_per_slot, n_batch, max_queue
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}  # token -> its text bytes, filled as tokens appear
+        self._eog: dict[int, bool] = {}
+        self.n_vocab = self.model.n_vocab()
         self._pending: deque[Job] = deque()
         self._running: list[_Sequence] = []
         self._free_ids = list(range(slots - 1, -1, -1))
@@ -174,16 +182,16 @@ class BatchEngine:
             self._ll.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
             self._running.append(_Sequence(job, seq_id, self._make_sampler(job.params)))
 
-    def _make_sampler(self, p: SamplingParams) -> ctypes.c_void_p:
+    def _make_sampler(self, p: SamplingParams) -> ctypes.c_void_p | None:
+        """A llama.cpp sampler chain, or None for greedy (argmax over the step's logits in numpy)."""
+        if p.temperature <= 0:
+            return None
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if p.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-        else:
-            if p.top_p < 1.0:
-                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(p.top_p, 1))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(p.temperature))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(p.seed & 0xFFFFFFFF))
+        if p.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(p.top_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(p.temperature))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(p.seed & 0xFFFFFFFF))
         return chain
 
     def _step(self) -> None:
@@ -219,14 +227,23 @@ class BatchEngine:
         rc = self._ll.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise ServeError(f"llama_decode returned {rc}")
-        for s, i in wants_logits:
-            token = self._ll.llama_sampler_sample(s.sampler, self.ctx.ctx, i)
+        # Few foreign calls per step: each one drops and retakes the GIL, and on a busy machine every retake
+        # can wait a scheduler slice for the event loop thread. Greedy rows are argmaxed in one go.
+        greedy = None
+        if any(s.sampler is None for s, _ in wants_logits):
+            logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx.ctx), shape=(len(wants_logits), self.n_vocab))
+            greedy = logits.argmax(axis=1)
+        for row, (s, i) in enumerate(wants_logits):
+            token = int(greedy[row]) if s.sampler is None else self._ll.llama_sampler_sample(s.sampler, self.ctx.ctx, i)
             self._advance(s, token)
 
     def _advance(self, s: _Sequence, token: int) -> None:
         """Account for one sampled token: emit its text, or end the sequence."""
         p = s.job.params
-        if self._ll.llama_vocab_is_eog(self.vocab, token):
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._ll.llama_vocab_is_eog(self.vocab, token))
+        if eog:
             return self._finish(s, "stop")
         s.completion_tokens += 1
         s.text += s.decoder.decode(self._token_bytes(token))
@@ -245,6 +262,12 @@ class BatchEngine:
         s.next_token = token
 
     def _token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece_of(token)
+        return piece
+
+    def _piece_of(self, token: int) -> bytes:
         n = self._ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         if n < 0:
             self._piece = ctypes.create_string_buffer(-n)
@@ -260,7 +283,8 @@ class BatchEngine:
 
     def _release(self, s: _Sequence, event: Event | None) -> None:
         self._running.remove(s)
-        self._ll.llama_sampler_free(s.sampler)
+        if s.sampler is not None:
+            self._ll.llama_sampler_free(s.sampler)
         self._ll.llama_memory_seq_rm(self.ctx.memory, s.seq_id, -1, -1)
         self._free_ids.append(s.seq_id)
         if event is not None:
