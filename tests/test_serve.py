@@ -227,6 +227,12 @@ def test_engine_runs_sequences_together_and_cancel_frees_the_slot(build_dir):
             time.sleep(0.01)
         assert engine.active == 0 and len(seen) <= 2 and not any(isinstance(e, Finished) for e in seen)
         assert engine._free_ids and len(engine._free_ids) == 4
+
+        # A freed slot keeps its cache: the same prompt again is served from it, with the same greedy text.
+        before = engine.reused_tokens
+        a = generate(backend, Prompt(messages=tuple(USER)), SamplingParams(max_tokens=12, temperature=0.0))
+        b = generate(backend, Prompt(messages=tuple(USER)), SamplingParams(max_tokens=12, temperature=0.0))
+        assert engine.reused_tokens - before >= 2 * (len(prompt) - 1) and a == b
     finally:
         backend.close()
 

@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 KV_UNIFIED = False
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class QueueFull(ServeError):
     """Every slot is busy and the waiting line is at its limit; the client should retry later."""
 
@@ -59,6 +68,7 @@ class _Sequence:
     fed: int = 0  # prompt tokens already in the KV cache
     n_past: int = 0
     next_token: int | None = None  # sampled, not yet fed back
+    generated: list[int] = field(default_factory=list)  # sampled tokens that are (or are about to be) fed
     completion_tokens: int = 0
     text: str = ""
     sent: int = 0  # len(text) already emitted
@@ -104,7 +114,9 @@ class BatchEngine:
         self.n_vocab = self.model.n_vocab()
         self._pending: deque[Job] = deque()
         self._running: list[_Sequence] = []
-        self._free_ids = list(range(slots - 1, -1, -1))
+        self._free_ids = list(range(slots))
+        self._cached: list[list[int]] = [[] for _ in range(slots)]  # tokens in each free slot's KV cache
+        self.reused_tokens = 0  # prompt tokens served from a slot's cache instead of computed
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
@@ -169,18 +181,26 @@ class BatchEngine:
             except Exception as e:  # a decode failure ends the requests in flight, not the server
                 log.exception("batched decode failed")
                 for s in list(self._running):
-                    self._release(s, Failed(f"generation failed: {e}"))
+                    self._release(s, Failed(f"generation failed: {e}"), keep_cache=False)
         for s in list(self._running):
             self._release(s, Failed("the server is shutting down"))
 
     def _admit(self) -> None:
+        """Give waiting jobs free slots, each the slot whose cached tokens share the longest prefix with its
+        prompt: a freed slot keeps its KV cache, so a shared system prompt or an earlier turn of the same
+        chat is not computed again."""
         while self._free_ids and self._pending:
             job = self._pending.popleft()
             if job.cancelled:
                 continue
-            seq_id = self._free_ids.pop()
-            self._ll.llama_memory_seq_rm(self.ctx.memory, seq_id, -1, -1)
-            self._running.append(_Sequence(job, seq_id, self._make_sampler(job.params)))
+            seq_id, reuse = max(((i, _common_prefix(self._cached[i], job.prompt)) for i in self._free_ids),
+                                key=lambda x: x[1])
+            reuse = min(reuse, len(job.prompt) - 1)  # the last prompt token is always fed: its logits are needed
+            self._free_ids.remove(seq_id)
+            self._ll.llama_memory_seq_rm(self.ctx.memory, seq_id, reuse, -1)
+            self._cached[seq_id] = []
+            self.reused_tokens += reuse
+            self._running.append(_Sequence(job, seq_id, self._make_sampler(job.params), fed=reuse, n_past=reuse))
 
     def _make_sampler(self, p: SamplingParams) -> ctypes.c_void_p | None:
         """A llama.cpp sampler chain, or None for greedy (argmax over the step's logits in numpy)."""
@@ -260,6 +280,7 @@ class BatchEngine:
         if s.completion_tokens >= p.max_tokens or s.n_past >= self.ctx_per_slot:
             return self._finish(s, "length")
         s.next_token = token
+        s.generated.append(token)
 
     def _token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -281,11 +302,15 @@ class BatchEngine:
             s.job.emit(Delta(s.text[s.sent:], 0))
         self._release(s, Finished(reason, len(s.job.prompt), s.completion_tokens))
 
-    def _release(self, s: _Sequence, event: Event | None) -> None:
+    def _release(self, s: _Sequence, event: Event | None, *, keep_cache: bool = True) -> None:
         self._running.remove(s)
         if s.sampler is not None:
             self._ll.llama_sampler_free(s.sampler)
-        self._ll.llama_memory_seq_rm(self.ctx.memory, s.seq_id, -1, -1)
+        if keep_cache:  # exactly the tokens whose keys and values are in the slot's cache
+            self._cached[s.seq_id] = (s.job.prompt[:s.fed] + s.generated)[:s.n_past]
+        else:
+            self._ll.llama_memory_seq_rm(self.ctx.memory, s.seq_id, -1, -1)
+            self._cached[s.seq_id] = []
         self._free_ids.append(s.seq_id)
         if event is not None:
             s.job.emit(event)
