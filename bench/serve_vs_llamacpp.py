@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = Path("~/.cache/edgedistill/models/smollm2-135m-instruct").expanduser()
 SCRATCH = Path("/tmp/edgedistill-bench")
-DEFAULT_STUDENT = ROOT.parent.parent / "main/out/default/export/student-q8_0.gguf"
+DEFAULT_STUDENT = ROOT / "out/default/export/student-q8_0.gguf"  # what `edgedistill build` writes by default
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle stays upright.",
