@@ -46,11 +46,36 @@ def build(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; none 
 def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf file)"),
           host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
           port: int = typer.Option(8000, min=1, max=65535),
-          api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_API_KEY", help="require this Bearer key")) -> None:
+          api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_API_KEY", help="require this Bearer key"),
+          slots: int = typer.Option(8, min=1, help="requests generated together (continuous batching)"),
+          ctx: int = typer.Option(2048, min=16, help="context tokens per request (prompt + completion)"),
+          threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: llama.cpp's choice)"),
+          max_queue: int = typer.Option(64, min=0, help="requests that may wait for a slot; beyond that, 429"),
+          max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask for"),
+          ui: bool = typer.Option(True, "--ui/--no-ui", help="mount the Gradio chat page at /ui"),
+          llm: Optional[str] = typer.Option(None, help="a larger model served alongside: an OpenAI-compatible "
+                                            "base URL (vLLM, llama-server, OpenAI) or a build folder / GGUF"),
+          llm_api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_LLM_API_KEY",
+                                                    help="Bearer key for --llm's URL"),
+          log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
     """Serve the build's GGUF with an OpenAI-compatible API."""
     from .serve.app import run_server
     try:
-        run_server(out_dir, host=host, port=port, api_key=api_key)
+        run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
+                   n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
+                   llm_api_key=llm_api_key, log_level=log_level)
+    except EdgeDistillError as e:
+        _fail(e)
+
+
+@app.command()
+def demo(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf file)"),
+         port: int = typer.Option(7860, min=1, max=65535),
+         threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads")) -> None:
+    """Chat with the build in the browser: the server plus its Gradio page, on http://127.0.0.1:PORT/ui."""
+    from .serve.app import run_server
+    try:
+        run_server(out_dir, host="127.0.0.1", port=port, n_threads=threads, ui=True, log_level="warning")
     except EdgeDistillError as e:
         _fail(e)
 

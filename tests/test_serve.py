@@ -1,9 +1,8 @@
-"""The OpenAI-compatible server: a real uvicorn server (in a thread) serving a GGUF written from the
-tiny model, driven by the official `openai` client; plus GGUF lookup and auth checks."""
+"""The server over the real batched llama.cpp engine: a real uvicorn server serving a GGUF written from
+the tiny model, driven by the official `openai` client; malformed requests; the engine itself; GGUF lookup."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -13,13 +12,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
-from fastapi.testclient import TestClient
 
 from edgedistill.artifacts import MANIFEST, atomic_write_json, file_record
 from edgedistill.errors import ServeError
 from edgedistill.serve.app import create_app
-from edgedistill.serve.backend import ChatResult, ContextLengthExceeded, LlamaCppBackend, pick_gguf
+from edgedistill.serve.backend import LlamaCppBackend, Prompt, generate, pick_gguf
+from edgedistill.serve.events import Delta, Finished, SamplingParams
+from live_server import serving
 
 MODEL_ID = "tiny-build"
 MAX_TOKENS_CAP = 64
@@ -45,28 +44,8 @@ def build_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(build_dir):
-    app = create_app(build_dir, max_tokens_cap=MAX_TOKENS_CAP)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket (no race)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
-    assert not thread.is_alive(), "the server did not shut down"
+    with serving(create_app(build_dir, max_tokens_cap=MAX_TOKENS_CAP, slots=4, ctx_per_slot=256, n_threads=1)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +93,20 @@ def test_models(client):
         client.models.retrieve("gpt-4o")
 
 
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+
+
 def test_gguf_chat_template_is_used(build_dir, tiny_tokenizer):
     """The template comes from the GGUF's metadata, so the prompt is the ChatML the student saw."""
-    backend = LlamaCppBackend(pick_gguf(build_dir), n_ctx=256, n_threads=1)
-    assert backend.chat_template_source == "gguf"
-    res = backend.chat(USER, max_tokens=1, temperature=0.0, top_p=1.0, stop=[], seed=0)
+    backend = LlamaCppBackend(pick_gguf(build_dir), slots=1, ctx_per_slot=256, n_threads=1)
+    try:
+        assert backend.chat_template_source == "gguf"
+        _, fin = generate(backend, Prompt(messages=tuple(USER)), GREEDY)
+    finally:
+        backend.close()
     prompt = tiny_tokenizer.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
     expected = len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert res.prompt_tokens in (expected, expected + 1)  # +1: a BOS, if the GGUF asks for one
+    assert fin.prompt_tokens in (expected, expected + 1)  # +1: a BOS, if the GGUF asks for one
 
 
 def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
@@ -129,10 +114,97 @@ def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
     bare = tmp_path / "no-template.gguf"
     subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--remove-metadata",
                     "tokenizer.chat_template", str(pick_gguf(build_dir)), str(bare)], check=True, capture_output=True)
-    backend = LlamaCppBackend(bare, n_ctx=256, n_threads=1)
-    assert backend.chat_template_source == "chatml"
-    res = backend.chat(USER, max_tokens=2, temperature=0.0, top_p=1.0, stop=[], seed=0)
-    assert isinstance(res.text, str) and res.prompt_tokens > 0
+    backend = LlamaCppBackend(bare, slots=1, ctx_per_slot=256, n_threads=1)
+    try:
+        assert backend.chat_template_source == "chatml"
+        rendered = backend.engine.model.detokenize(backend.render(Prompt(messages=tuple(USER))), special=True)
+        assert rendered.decode().endswith("<|im_start|>user\ndef add(a, b):<|im_end|>\n<|im_start|>assistant\n")
+        text, fin = generate(backend, Prompt(messages=tuple(USER)), GREEDY)
+    finally:
+        backend.close()
+    assert isinstance(text, str) and fin.prompt_tokens > 0
+
+
+def test_chat_stream_matches_non_stream_and_reports_usage(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_completions(client):
+    resp = client.completions.create(model=MODEL_ID, prompt="def add(a, b):", max_tokens=6, temperature=0)
+    assert resp.object == "text_completion" and resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens <= 6 and resp.usage.prompt_tokens > 0
+    streamed = client.completions.create(model=MODEL_ID, prompt="def add(a, b):", max_tokens=6, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == resp.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt="x", echo=True)
+
+
+def test_stop_sequence_ends_the_text_before_it(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=24, temperature=1.0, seed=3)  # seeded: varied yet repeatable
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    if len(full) < 6 or not stop.strip():
+        pytest.skip(f"the tiny model's greedy text {full!r} is too short to cut")
+    resp = client.chat.completions.create(**kw, stop=[stop])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].message.content == full[:full.index(stop)]
+    streamed = client.chat.completions.create(**kw, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kw = dict(model=MODEL_ID, messages=USER, max_tokens=16, temperature=1.0, top_p=0.95)
+    a, b = (client.chat.completions.create(**kw, seed=7).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_engine_runs_sequences_together_and_cancel_frees_the_slot(build_dir):
+    """Four jobs in one context all produce tokens before any finishes; a cancelled one frees its slot."""
+    backend = LlamaCppBackend(pick_gguf(build_dir), slots=4, ctx_per_slot=256, n_threads=1)
+    engine = backend.engine
+    try:
+        prompt = backend.render(Prompt(messages=tuple(USER)))
+        log, done = [], threading.Semaphore(0)
+
+        def emitter(i):
+            def emit(ev):
+                log.append((i, type(ev).__name__))
+                if not isinstance(ev, Delta):
+                    done.release()
+            return emit
+        params = SamplingParams(max_tokens=40, temperature=0.0, stop=("\x00",))
+        jobs = [engine.submit(prompt, params, emitter(i)) for i in range(4)]
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        first_finish = next(k for k, (_, kind) in enumerate(log) if kind == "Finished")
+        assert {i for i, kind in log[:first_finish] if kind == "Delta"} == {0, 1, 2, 3}
+
+        seen = []
+        job = engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0),
+                            lambda ev: (seen.append(ev), job.cancel()))
+        deadline = time.monotonic() + 30
+        while (engine.active or not seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active == 0 and len(seen) <= 2 and not any(isinstance(e, Finished) for e in seen)
+        assert engine._free_ids and len(engine._free_ids) == 4
+
+        # A freed slot keeps its cache: the same prompt again is served from it, with the same greedy text.
+        before = engine.reused_tokens
+        a = generate(backend, Prompt(messages=tuple(USER)), SamplingParams(max_tokens=12, temperature=0.0))
+        b = generate(backend, Prompt(messages=tuple(USER)), SamplingParams(max_tokens=12, temperature=0.0))
+        assert engine.reused_tokens - before >= 2 * (len(prompt) - 1) and a == b
+    finally:
+        backend.close()
 
 
 # ---------------------------------------------------------------- bad requests
@@ -146,7 +218,16 @@ def test_chatml_is_the_fallback_without_a_gguf_template(build_dir, tmp_path):
     (dict(messages=USER, top_p=0), "top_p"),
     (dict(messages=USER, stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(messages=USER, n=2), "n"),
-    (dict(messages=USER, stream=False, extra_body={"stream": True}), "stream"),
+    (dict(messages=USER, seed="abc"), "seed"),
+    (dict(messages=USER, max_tokens=-3), "max_tokens"),
+    (dict(messages=USER, max_completion_tokens=0), "max_completion_tokens"),
+    (dict(messages=USER, temperature="hot"), "temperature"),
+    (dict(messages=USER, stop=[""]), "stop"),
+    (dict(messages=[{"role": "user"}]), "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages[0].content"),
+    (dict(messages="hello"), "messages"),
+    (dict(messages=USER, stream=True, stream_options="yes"), "stream_options"),
 ])
 def test_bad_request_is_a_400_error_object(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -154,11 +235,6 @@ def test_bad_request_is_a_400_error_object(client, kw, param):
     err = e.value.response.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
     assert e.value.status_code == 400
-
-
-def test_streaming_is_refused_clearly(client):
-    with pytest.raises(openai.BadRequestError, match="streaming is not supported yet"):
-        client.chat.completions.create(model=MODEL_ID, messages=USER, stream=True)
 
 
 def test_unknown_model_is_a_404(client):
@@ -200,43 +276,6 @@ def test_server_still_answers_after_bad_requests(client, base_url):
     resp = client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=3, temperature=0)
     assert isinstance(resp.choices[0].message.content, str)
     assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
-
-
-# ---------------------------------------------------------------- policy with a fake backend
-class EchoBackend:
-    name = "echo"
-
-    def chat(self, messages, *, max_tokens, temperature, top_p, stop, seed):
-        if messages[-1]["content"] == "too long":
-            raise ContextLengthExceeded("the prompt is longer than the context window")
-        return ChatResult(text=messages[-1]["content"], finish_reason="stop", prompt_tokens=3, completion_tokens=1)
-
-
-def test_api_key_is_required_when_set(tmp_path):
-    http = TestClient(create_app(tmp_path, api_key="s3cret", backend=EchoBackend()))
-    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
-    assert http.get("/health").status_code == 200  # liveness probes need no key
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-        r = http.post("/v1/chat/completions", json=body, headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi"
-
-
-def test_max_tokens_defaults_to_cap_and_stop_string_becomes_list(tmp_path):
-    seen = {}
-
-    class Spy(EchoBackend):
-        def chat(self, messages, **kw):
-            seen.update(kw)
-            return super().chat(messages, **kw)
-
-    http = TestClient(create_app(tmp_path, max_tokens_cap=7, backend=Spy()))
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stop": "END"})
-    assert r.status_code == 200
-    assert seen == dict(max_tokens=7, temperature=1.0, top_p=1.0, stop=["END"], seed=None)
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "too long"}]})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 # ---------------------------------------------------------------- finding the GGUF

@@ -1,190 +1,39 @@
 """An OpenAI-compatible HTTP server over one `Backend`.
 
-Layout: the pydantic models validate requests and shape responses; `ChatService` holds the
-policy (which model id, the max_tokens cap, what is not supported yet); the routes only wire
-the two together. Every failure leaves as an OpenAI error object, so `openai` clients raise
-their usual typed exceptions.
+Layout: `schemas.py` validates requests and shapes responses; `ChatService` (service.py) holds
+the policy and turns backend events into completions and server-sent events; this module only
+wires routes, the request middleware (request ids, body limit, metrics, access log) and the
+error handlers. Every failure leaves as an OpenAI error object, so `openai` clients raise their
+usual typed exceptions.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import re
 import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ServeError
-from .backend import Backend, ContextLengthExceeded, LlamaCppBackend, pick_gguf
+from .backend import Backend, LlamaCppBackend, pick_gguf
+from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
+                      ModelCard, ModelList, Readiness)
+from .service import ApiError, ChatService
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("edgedistill.serve.access")
 
-MAX_STOP_SEQUENCES = 4
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults, so clients that omit them get what they expect
-DEFAULT_TOP_P = 1.0
-
-
-# ---------------------------------------------------------------- request / response models
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat completion request we honour; unknown fields are ignored."""
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1)
-    stream: bool | None = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and any(s == "" for s in v):
-            raise ValueError("stop sequences must be non-empty strings")
-        return v
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "edgedistill"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-
-
-class ApiError(Exception):
-    """A request the server answers with an OpenAI error object instead of a completion."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
-
-
-# ---------------------------------------------------------------- policy
-class ChatService:
-    """What the server agrees to do with a request, and how backend results become API objects."""
-
-    def __init__(self, backend: Backend, *, max_tokens_cap: int):
-        if max_tokens_cap < 1:
-            raise ServeError(f"max_tokens_cap must be at least 1, got {max_tokens_cap}.")
-        self.backend = backend
-        self.max_tokens_cap = max_tokens_cap
-        self.created = int(time.time())
-
-    @property
-    def model_id(self) -> str:
-        return self.backend.name
-
-    def models(self) -> ModelList:
-        return ModelList(data=[self.model(self.model_id)])
-
-    def model(self, model_id: str) -> ModelCard:
-        self._check_model(model_id)
-        return ModelCard(id=self.model_id, created=self.created)
-
-    def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
-        if req.model is not None:
-            self._check_model(req.model)
-        if req.stream:
-            raise ApiError(400, "streaming is not supported yet; send stream=false", param="stream",
-                           code="unsupported_parameter")
-        max_tokens = req.requested_max_tokens or self.max_tokens_cap
-        if max_tokens > self.max_tokens_cap:
-            raise ApiError(400, f"max_tokens is {max_tokens}, but this server allows at most "
-                                f"{self.max_tokens_cap}", param="max_tokens", code="invalid_value")
-        try:
-            result = self.backend.chat(
-                [m.model_dump() for m in req.messages], max_tokens=max_tokens,
-                temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
-                stop=req.stop or [], seed=req.seed)
-        except ContextLengthExceeded as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-        return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_id,
-            choices=[Choice(index=0, message=AssistantMessage(content=result.text),
-                            finish_reason=result.finish_reason)],
-            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                        total_tokens=result.prompt_tokens + result.completion_tokens),
-        )
-
-    def _check_model(self, model_id: str) -> None:
-        if model_id != self.model_id:
-            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{self.model_id}'",
-                           param="model", code="model_not_found")
+MAX_BODY_BYTES = 1 << 20
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # ---------------------------------------------------------------- dependencies and routes
@@ -203,7 +52,7 @@ def require_api_key(request: Request, authorization: Annotated[str | None, Heade
 
 
 Service = Annotated[ChatService, Depends(get_service)]
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429)}
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
 
@@ -218,18 +67,115 @@ def retrieve_model(model_id: str, service: Service) -> ModelCard:
     return service.model(model_id)
 
 
-@v1.post("/chat/completions")
-def chat_completions(req: ChatCompletionRequest, service: Service) -> ChatCompletion:
-    # A plain `def`: FastAPI runs it in a worker thread, so generation never blocks the event loop.
-    return service.complete(req)
+@v1.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(req: ChatCompletionRequest, service: Service, request: Request) -> Any:
+    gen = service.start_chat(req)
+    if req.stream:
+        return StreamingResponse(service.stream(gen, chat=True, include_usage=req.include_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    return await _unless_disconnected(request, service.chat_completion(gen))
 
 
-health = APIRouter()
+@v1.post("/completions", response_model=Completion)
+async def completions(req: CompletionRequest, service: Service, request: Request) -> Any:
+    gen = service.start_completion(req)
+    if req.stream:
+        return StreamingResponse(service.stream(gen, chat=False, include_usage=req.include_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    return await _unless_disconnected(request, service.completion(gen))
 
 
-@health.get("/health")
+async def _unless_disconnected(request: Request, answer: Awaitable[Any], poll_s: float = 0.5) -> Any:
+    """Await `answer`, but give its slot back if the client hangs up first (nobody would read the result)."""
+    task = asyncio.ensure_future(answer)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
+    return task.result()
+
+
+probes = APIRouter()
+
+
+@probes.get("/health")
 def get_health() -> Health:
+    """Alive: the process answers."""
     return Health()
+
+
+@probes.get("/ready", responses={503: {"model": Readiness}})
+def get_ready(service: Service) -> Any:
+    """Ready: the model is loaded and the engine takes requests."""
+    ready = Readiness(status="ready", model=service.model_id)
+    return ready if getattr(service.backend, "ready", True) else JSONResponse(
+        ready.model_copy(update={"status": "loading"}).model_dump(), status_code=503)
+
+
+@probes.get("/metrics", response_class=PlainTextResponse)
+def get_metrics(service: Service) -> PlainTextResponse:
+    return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# ---------------------------------------------------------------- request middleware
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContext:
+    """Pure ASGI middleware (it must not buffer streams): an X-Request-Id on every response, the body size
+    limit, per-route request counts and latency, and one structured access-log line (no headers, so no keys)."""
+
+    def __init__(self, app: Any, *, service: ChatService, max_body_bytes: int):
+        self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        status = [500]
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self._record(scope, status[0], started, request_id)
+
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._too_large(send_with_id)
+        seen = [0]
+
+        async def limited_receive() -> dict:
+            message = await receive()
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > self.max_body_bytes:
+                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
+                               code="request_too_large")
+            return message
+
+        await self.app(scope, limited_receive, send_with_id)
+
+    async def _too_large(self, send: Any) -> None:
+        body = ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
+                        code="request_too_large").body.model_dump_json().encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _record(self, scope: dict, status: int, started: float, request_id: str) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        elapsed = time.perf_counter() - started
+        self.service.metrics.requests.inc(route, str(status))
+        self.service.metrics.latency.observe(elapsed, route)
+        access_log.info(json.dumps({"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
+                                    "route": route, "status": status, "duration_s": round(elapsed, 4)}))
 
 
 # ---------------------------------------------------------------- errors as OpenAI error objects
@@ -248,7 +194,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status)
+    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -280,23 +226,52 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 
 # ---------------------------------------------------------------- assembly
 def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int = 1024,
-               backend: Backend | None = None, n_ctx: int = 2048, n_threads: int | None = None) -> FastAPI:
-    """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else."""
+               backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
+               n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
+               ui: bool = False, llm: str | None = None, llm_api_key: str | None = None) -> FastAPI:
+    """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
+
+    `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
+    context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
+    Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
+    `llm_api_key`) or another build folder / GGUF."""
     target = Path(target)
     if backend is None:
         gguf = pick_gguf(target)
         name = target.resolve().name if target.is_dir() else gguf.stem
-        backend = LlamaCppBackend(gguf, n_ctx=n_ctx, n_threads=n_threads, name=name)
-    app = FastAPI(title="edgedistill", summary=f"OpenAI-compatible chat API for {backend.name}")
-    app.state.service = ChatService(backend, max_tokens_cap=max_tokens_cap)
+        backend = LlamaCppBackend(gguf, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
+                                  max_queue=max_queue, name=name)
+    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
+    service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for b in service.backends.values():
+            b.close()
+
+    app = FastAPI(title="edgedistill", summary=f"OpenAI-compatible API for {backend.name}", lifespan=lifespan)
+    app.state.service = service
     app.state.api_key = api_key
-    app.include_router(health)
+    app.include_router(probes)
     app.include_router(v1)
+    app.add_middleware(RequestContext, service=service, max_body_bytes=max_body_bytes)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+    if ui:
+        from .demo import mount_demo
+        mount_demo(app, api_key=api_key, model=backend.name)
     return app
+
+
+def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None) -> Backend:
+    if llm.startswith(("http://", "https://")):
+        from .remote import RemoteBackend
+        return RemoteBackend(llm, api_key=api_key)
+    gguf = pick_gguf(Path(llm))
+    return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=f"llm-{gguf.stem}")
 
 
 def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
@@ -307,4 +282,6 @@ def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
     app = create_app(Path(target), **kw)
     if kw.get("api_key") is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    if kw.get("ui"):
+        log.warning("chat page: http://%s:%d/ui", host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,97 +1,122 @@
 """What the server generates with: a `Backend` protocol, its llama.cpp implementation, and GGUF lookup.
 
-The HTTP layer (`app.py`) only ever talks to a `Backend`, so other runtimes (ONNX, a
-batched engine, a fake in tests) slot in without touching the routes.
+The HTTP layer (`app.py`) only ever talks to a `Backend`, so other runtimes (a remote
+OpenAI-compatible endpoint, a fake in tests) slot in without touching the routes.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ..artifacts import MANIFEST
 from ..errors import ServeError
+from .engine import BatchEngine, ContextLengthExceeded, QueueFull  # noqa: F401  (re-exported)
+from .events import Delta, Event, Failed, Finished, SamplingParams
 
-FinishReason = Literal["stop", "length"]
+
+class Handle(Protocol):
+    def cancel(self) -> None: ...
 
 
 @dataclass(frozen=True)
-class ChatResult:
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class ContextLengthExceeded(ServeError):
-    """The prompt alone does not fit the backend's context window (a client error, not a server fault)."""
+class Prompt:
+    """Either chat `messages` (the backend applies its chat template) or raw `text` to continue."""
+    messages: tuple[Mapping[str, str], ...] | None = None
+    text: str | None = None
 
 
 class Backend(Protocol):
-    """A chat model. `name` is the model id the server advertises."""
+    """A text generator. `start` returns at once (raising QueueFull or ContextLengthExceeded for requests
+    it cannot take) and reports progress through `emit`, which may be called from any thread."""
 
     name: str
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int, temperature: float,
-             top_p: float, stop: Sequence[str], seed: int | None) -> ChatResult: ...
+    def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> Handle: ...
+
+    def load(self) -> dict[str, int]:
+        """{'queue_depth': waiting requests, 'active': requests generating, 'slots': capacity}."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class LlamaCppBackend:
-    """One GGUF loaded into llama.cpp; calls are serialised by a lock (llama.cpp contexts are not thread-safe)."""
+    """One GGUF in llama.cpp, served by continuous batching (`BatchEngine`) across `slots` sequences."""
 
-    def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
-                 *, name: str | None = None):
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:  # pragma: no cover - the install pins it
-            raise ServeError(f"llama-cpp-python is not importable ({e}). Run `make setup`.") from None
+    def __init__(self, gguf_path: str | Path, *, slots: int = 8, ctx_per_slot: int = 2048,
+                 n_threads: int | None = None, max_queue: int = 64, name: str | None = None):
         path = Path(gguf_path)
         if not path.is_file():
             raise ServeError(f"GGUF file {path} does not exist. Run `edgedistill build` first.")
         try:
-            self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+            self.engine = BatchEngine(path, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
+                                      max_queue=max_queue)
         except (ValueError, RuntimeError):
             raise ServeError(f"llama.cpp could not load {path}: {_load_failure_reason(path)}. "
                              "Re-run the export stage, or pass a GGUF that llama.cpp accepts.") from None
-        # llama-cpp-python builds a handler from `tokenizer.chat_template` itself; without one it
-        # would fall back to Llama-2 [INST] formatting, which our students were never trained on.
-        self.chat_template_source = "gguf" if "tokenizer.chat_template" in self._llm.metadata else "chatml"
-        if self.chat_template_source == "chatml":
-            self._llm.chat_format = "chatml"
+        model = self.engine.model
+        meta = model.metadata()
+
+        def text_of(tok: int) -> str:
+            return model.token_get_text(tok) if tok != -1 else ""
+        template = meta.get("tokenizer.chat_template")
+        # Without a template in the GGUF, ChatML: what our students are trained on (llama-cpp-python would
+        # fall back to Llama-2 [INST] formatting instead).
+        self.chat_template_source = "gguf" if template else "chatml"
+        self._format = Jinja2ChatFormatter(template or CHATML, eos_token=text_of(model.token_eos()),
+                                           bos_token=text_of(model.token_bos()))
         self.name = name or path.stem
         self.gguf_path = path
-        self.n_ctx = n_ctx
-        self._lock = threading.Lock()
+        self.n_ctx = ctx_per_slot
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int, temperature: float,
-             top_p: float, stop: Sequence[str], seed: int | None) -> ChatResult:
-        # Unseeded, llama-cpp-python derives the seed from the previous call's, so one seeded request would
-        # make every later "random" one predictable; draw a fresh seed instead.
-        seed = random.getrandbits(32) if seed is None else seed & 0xFFFFFFFF
-        with self._lock:
-            try:
-                out = self._llm.create_chat_completion(
-                    messages=[dict(m) for m in messages], max_tokens=max_tokens, temperature=temperature,
-                    top_p=top_p, stop=list(stop) or None, seed=seed, stream=False)
-            except ValueError as e:
-                if "exceed context window" in str(e):
-                    raise ContextLengthExceeded(
-                        f"the prompt is longer than the model's context window of {self.n_ctx} tokens; "
-                        "shorten the messages") from None
-                raise
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
-        return ChatResult(
-            text=choice["message"].get("content") or "",
-            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-        )
+    def render(self, prompt: Prompt) -> list[int]:
+        if prompt.messages is not None:
+            out = self._format(messages=[dict(m) for m in prompt.messages])
+            # The template may write BOS itself; otherwise the tokenizer adds it if the model asks for one.
+            return self.engine.tokenize(out.prompt, add_bos=not out.added_special)
+        return self.engine.tokenize(prompt.text or "", add_bos=True)
+
+    def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> Handle:
+        return self.engine.submit(self.render(prompt), params, emit)
+
+    def load(self) -> dict[str, int]:
+        return {"queue_depth": self.engine.queue_depth, "active": self.engine.active, "slots": self.engine.slots}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+          "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def generate(backend: Backend, prompt: Prompt, params: SamplingParams, timeout: float = 300.0) -> tuple[str, Finished]:
+    """Run one generation to the end on the calling thread (for scripts and tests)."""
+    done = threading.Event()
+    parts: list[str] = []
+    result: list[Event] = []
+
+    def emit(ev: Event) -> None:
+        if isinstance(ev, Delta):
+            parts.append(ev.text)
+        else:
+            result.append(ev)
+            done.set()
+
+    handle = backend.start(prompt, params, emit)
+    if not done.wait(timeout):
+        handle.cancel()
+        raise ServeError(f"generation did not finish within {timeout:.0f} s")
+    if isinstance(result[0], Failed):
+        raise ServeError(result[0].message)
+    return "".join(parts), result[0]
 
 
 def _load_failure_reason(path: Path) -> str:

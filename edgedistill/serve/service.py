@@ -1,0 +1,293 @@
+"""What the server agrees to do with a request, and how backend events become OpenAI objects.
+
+`ChatService` checks the model id and the max_tokens cap, starts a generation on the backend,
+and turns its events into a completion object or a stream of server-sent events. It also keeps
+the token / latency metrics, since only it sees the first token.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from ..errors import ServeError
+from .backend import Backend, ContextLengthExceeded, Prompt, QueueFull
+from .events import Delta, Event, Failed, Finished, SamplingParams
+from .metrics import Metrics
+from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
+                      CompletionChoice, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
+                      SamplingRequest, Usage)
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults, so clients that omit them get what they expect
+DEFAULT_TOP_P = 1.0
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """A request the server answers with an OpenAI error object instead of a completion."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+        self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
+
+
+class ThinkSplitter:
+    """Separates <think>…</think> text from the answer as it streams (tags may arrive split across deltas)."""
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.buf = ""
+        self.strip_leading = False  # the blank line models put after </think> is not part of the answer
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """-> (reasoning, content) that is now certain."""
+        self.buf += text
+        out = {True: "", False: ""}
+        while True:
+            tag = self.CLOSE if self.inside else self.OPEN
+            i = self.buf.find(tag)
+            if i < 0:
+                break
+            self._put(out, self.buf[:i])
+            self.buf = self.buf[i + len(tag):]
+            self.inside = not self.inside
+            self.strip_leading = not self.inside
+        hold = next((k for k in range(min(len(tag) - 1, len(self.buf)), 0, -1) if self.buf.endswith(tag[:k])), 0)
+        self._put(out, self.buf[:len(self.buf) - hold])
+        self.buf = self.buf[len(self.buf) - hold:]
+        return out[True], out[False]
+
+    def flush(self) -> tuple[str, str]:
+        out = {True: "", False: ""}
+        self._put(out, self.buf)
+        self.buf = ""
+        return out[True], out[False]
+
+    def _put(self, out: dict[bool, str], text: str) -> None:
+        if not self.inside and self.strip_leading:
+            text = text.lstrip()
+            self.strip_leading = not text
+        out[self.inside] += text
+
+
+class Generation:
+    """One backend generation seen from the event loop: an async iterator of events; closing it cancels."""
+
+    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams):
+        self.model = backend.name
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+        def emit(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+            except RuntimeError:  # the loop is gone (server shutting down): stop generating
+                handle.cancel()
+
+        try:
+            handle = backend.start(prompt, params, emit)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is at capacity ({e}); retry shortly", code="rate_limit_exceeded",
+                           type="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), param="messages" if prompt.messages else "prompt",
+                           code="context_length_exceeded") from None
+        except ServeError as e:
+            raise ApiError(400, str(e)) from None
+        self.handle = handle
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Deltas that queued up while the consumer was busy are merged, so a slow client costs one write
+        per wake-up rather than one per token."""
+        try:
+            while True:
+                ev = await self.queue.get()
+                while isinstance(ev, Delta) and not self.queue.empty():
+                    nxt = self.queue.get_nowait()
+                    if not isinstance(nxt, Delta):
+                        yield self._seen(ev)
+                        ev = nxt
+                        break
+                    ev = Delta(ev.text + nxt.text, ev.tokens + nxt.tokens)
+                yield self._seen(ev)
+                if not isinstance(ev, Delta):
+                    return
+        finally:
+            self.handle.cancel()  # no-op when finished; frees the slot when the client went away
+
+    def _seen(self, ev: Event) -> Event:
+        if isinstance(ev, Delta) and ev.tokens and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        return ev
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class ChatService:
+    """Serves `backend` (the default model) and optionally `fallback` (a larger model, listed second)."""
+
+    def __init__(self, backend: Backend, *, max_tokens_cap: int, split_reasoning: bool = True,
+                 fallback: Backend | None = None):
+        if max_tokens_cap < 1:
+            raise ServeError(f"max_tokens_cap must be at least 1, got {max_tokens_cap}.")
+        if fallback is not None and fallback.name == backend.name:
+            raise ServeError(f"the fallback model is also called '{backend.name}'; give it another name.")
+        self.backend = backend
+        self.backends = {b.name: b for b in (backend, fallback) if b is not None}
+        self.max_tokens_cap = max_tokens_cap
+        self.split_reasoning = split_reasoning
+        self.created = int(time.time())
+        self.metrics = Metrics(queue_depth=lambda: backend.load().get("queue_depth", 0))
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.name
+
+    def models(self) -> ModelList:
+        return ModelList(data=[self.model(name) for name in self.backends])
+
+    def model(self, model_id: str) -> ModelCard:
+        self._backend_for(model_id)
+        return ModelCard(id=model_id, created=self.created)
+
+    # ------------------------------------------------------------ starting
+    def start_chat(self, req: ChatCompletionRequest) -> Generation:
+        backend = self._backend_for(req.model)
+        params = self._params(req, default_max=self.max_tokens_cap)
+        return Generation(backend, Prompt(messages=tuple(m.as_template_message() for m in req.messages)), params)
+
+    def start_completion(self, req: CompletionRequest) -> Generation:
+        backend = self._backend_for(req.model)
+        params = self._params(req, default_max=min(DEFAULT_COMPLETION_TOKENS, self.max_tokens_cap))
+        return Generation(backend, Prompt(text=req.text), params)
+
+    def _params(self, req: SamplingRequest, *, default_max: int) -> SamplingParams:
+        max_tokens = req.requested_max_tokens or default_max
+        if max_tokens > self.max_tokens_cap:
+            raise ApiError(400, f"max_tokens is {max_tokens}, but this server allows at most "
+                                f"{self.max_tokens_cap}", param="max_tokens", code="invalid_value")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
+            # Unseeded requests draw a fresh seed, so one seeded request never makes later ones predictable.
+            seed=random.getrandbits(32) if req.seed is None else req.seed & 0xFFFFFFFF,
+            stop=tuple(req.stop or ()))
+
+    def _backend_for(self, model_id: str | None) -> Backend:
+        if model_id is None:
+            return self.backend
+        if model_id not in self.backends:
+            served = ", ".join(f"'{n}'" for n in self.backends)
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves {served}",
+                           param="model", code="model_not_found")
+        return self.backends[model_id]
+
+    # ------------------------------------------------------------ finishing
+    async def collect(self, gen: Generation, route: str) -> tuple[str, Finished]:
+        parts: list[str] = []
+        async for ev in gen.events():
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            elif isinstance(ev, Failed):
+                raise ApiError(ev.status, ev.message, type="server_error")
+            else:
+                self._account(gen, ev, route)
+                return "".join(parts), ev
+        raise ApiError(500, "the generation ended without a result", type="server_error")
+
+    async def chat_completion(self, gen: Generation) -> ChatCompletion:
+        text, fin = await self.collect(gen, "/v1/chat/completions")
+        reasoning, content = self._split(text)
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=gen.model,
+            choices=[ChatChoice(message=AssistantMessage(content=content, reasoning=reasoning,
+                                                         reasoning_content=reasoning),
+                                finish_reason=fin.finish_reason)],
+            usage=_usage(fin))
+
+    async def completion(self, gen: Generation) -> Completion:
+        text, fin = await self.collect(gen, "/v1/completions")
+        return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=gen.model,
+                          choices=[CompletionChoice(text=text, finish_reason=fin.finish_reason)], usage=_usage(fin))
+
+    def _split(self, text: str) -> tuple[str | None, str]:
+        if not self.split_reasoning:
+            return None, text
+        s = ThinkSplitter()
+        r1, c1 = s.feed(text)
+        r2, c2 = s.flush()
+        return (r1 + r2) or None, c1 + c2
+
+    async def stream(self, gen: Generation, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        route = "/v1/chat/completions" if chat else "/v1/completions"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": gen.model}
+        splitter = ThinkSplitter() if chat and self.split_reasoning else None
+
+        def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None) -> str:
+            choice = ({"index": 0, "delta": delta or {}, "finish_reason": finish} if chat
+                      else {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish})
+            return _sse({**head, "choices": [choice]})
+
+        def text_chunk(text: str, split: Callable[[str], tuple[str, str]] | None) -> str | None:
+            if not chat:
+                return chunk(text=text) if text else None
+            reasoning, content = split(text) if split else ("", text)
+            delta = {}
+            if reasoning:
+                delta.update(reasoning=reasoning, reasoning_content=reasoning)
+            if content:
+                delta["content"] = content
+            return chunk(delta) if delta else None
+
+        self.metrics.active_streams += 1
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            async for ev in gen.events():
+                if isinstance(ev, Delta):
+                    out = text_chunk(ev.text, splitter.feed if splitter else None)
+                    if out:
+                        yield out
+                elif isinstance(ev, Failed):
+                    yield _sse(ErrorResponse(error=ErrorBody(message=ev.message, type="server_error")).model_dump())
+                    break
+                else:
+                    if splitter:
+                        out = text_chunk("", lambda _: splitter.flush())
+                        if out:
+                            yield out
+                    self._account(gen, ev, route)
+                    yield chunk(finish=ev.finish_reason)
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(ev).model_dump()})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.metrics.active_streams -= 1
+
+    def _account(self, gen: Generation, fin: Finished, route: str) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(by=fin.prompt_tokens)
+        m.completion_tokens.inc(by=fin.completion_tokens)
+        if gen.first_token_at is not None:
+            m.ttft.observe(gen.first_token_at - gen.started, route)
+
+
+def _usage(fin: Finished) -> Usage:
+    return Usage(prompt_tokens=fin.prompt_tokens, completion_tokens=fin.completion_tokens,
+                 total_tokens=fin.prompt_tokens + fin.completion_tokens)
