@@ -21,11 +21,13 @@ def _plot(path: Path, ppl: dict[str, float], sizes: dict[str, int], loss_curve: 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     names = list(ppl)
     axes[0].barh(names, [ppl[n] for n in names], color=["#888" if "/" not in n else "#3a7" for n in names])
     axes[0].set_xscale("log")
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].set_xlabel("held-out perplexity (log scale, lower is better)")
     axes[0].invert_yaxis()
     for i, n in enumerate(names):
