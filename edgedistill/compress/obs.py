@@ -1,0 +1,326 @@
+"""The one Hessian (OBS) engine behind SparseGPT, GPTQ and structured pruning.
+
+A linear layer y = W x is compressed against its calibration inputs X through
+H = 2 X Xᵀ: removing or rounding weight w_i costs (w_i − q_i)² / [H⁻¹]_ii and is
+compensated on the columns not yet processed along row i of H⁻¹'s upper
+Cholesky factor U. Columns are swept left to right:
+
+* the sweep is blocked twice: an outer block (`blocksize`, 128 as in the papers)
+  fixes the adaptive unstructured mask and batches the update of all later
+  columns into one matrix product; inside it, sub-blocks of `SUB` columns are
+  solved together.
+* pure pruning of a sub-block is linear, so its sequential column loop collapses
+  into one batched triangular solve per row (`_pruned_errors`); N:M sub-blocks
+  are one N:M group each, so the mask is still chosen from the updated weights.
+* rounding onto a grid is not linear: those columns go one at a time, but only
+  over a sub-block's width.
+
+Everything here is pure tensor math on one device; `layerwise.py` feeds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..errors import CompressError
+from .grids import BLOCK, GRIDS, QuantCodes, _round_away, quantize
+
+log = logging.getLogger("edgedistill.compress")
+
+SUB = 16  # columns solved together inside an outer block (a multiple of every supported N:M group's M)
+DAMP_ESCALATION = (1.0, 10.0, 100.0, 1000.0)  # multiples of `damp` tried before giving up
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What to remove: `sparsity` of each (segment, outer block) by saliency, or `n` of every `m` columns."""
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured_nm(self) -> bool:
+        return self.m > 0
+
+
+@dataclass
+class SweepResult:
+    weight: torch.Tensor              # compressed weight, original column order, fp32
+    codes: QuantCodes | None          # when a grid was given
+    mask: torch.Tensor | None         # True where a weight was pruned
+
+
+# ---------------------------------------------------------------- Hessians
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ in fp32 over calibration tokens (any leading shape; last dim = features)."""
+
+    def __init__(self, columns: int, device: torch.device | str):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        n = x.shape[0]
+        total = self.tokens + n
+        self.H.mul_(self.tokens / total)
+        self.H.addmm_(x.T, x, alpha=2.0 / total)
+        self.tokens = total
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + λI)⁻¹ and the mask of dead inputs (zero diagonal).
+
+    λ = damp · mean(diag H). If the factorisation fails, λ is raised tenfold (logged) up to
+    `DAMP_ESCALATION[-1]` · damp; then a CompressError names the layer.
+    """
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = torch.diag(H).mean().item()
+    if not torch.isfinite(H).all():
+        raise CompressError(f"layer '{name}': its calibration Hessian holds inf/NaN (the layer's inputs overflow). "
+                            f"Calibrate in float32 or check the model's weights.")
+    eye = torch.arange(H.shape[0], device=H.device)
+    for factor in DAMP_ESCALATION:
+        lam = damp * factor * mean_diag
+        Hd = H.clone()
+        Hd[eye, eye] += lam
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, dead
+        log.warning("layer '%s': Cholesky failed with dampening %.3g of the mean diagonal; retrying with %.3g",
+                    name, damp * factor, damp * factor * 10)
+    raise CompressError(f"layer '{name}': the calibration Hessian is not positive definite even with dampening "
+                        f"{damp * DAMP_ESCALATION[-1]:.3g} × its mean diagonal. Use more calibration samples or "
+                        f"raise compress.damp.")
+
+
+def reconstruction_error(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> float:
+    """‖(W1 − W0) X‖² / ‖W0 X‖² over the calibration inputs behind H."""
+    D = (W1 - W0).float()
+    num = ((D @ H) * D).sum().item()
+    den = ((W0.float() @ H) * W0.float()).sum().item()
+    return num / den if den > 0 else 0.0
+
+
+# ---------------------------------------------------------------- grid rounding with fixed scales
+@dataclass
+class GroupScales:
+    """fp16 scales (and Q4_1 mins) of every 32-column block, decided before its columns are rounded."""
+    grid: str
+    scales: torch.Tensor  # [rows, cols/32] fp16
+    mins: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, grid: str, rows: int, cols: int, device) -> "GroupScales":
+        z = torch.zeros(rows, cols // BLOCK, dtype=torch.float16, device=device)
+        return cls(grid, z, z.clone() if GRIDS[grid].has_min else None)
+
+    def set_from(self, group: int, w: torch.Tensor) -> None:
+        """ggml's own choice of scale (and min) for the current values of one 32-column block."""
+        qc = quantize(w, self.grid)
+        self.scales[:, group] = qc.scales[:, 0]
+        if self.mins is not None:
+            self.mins[:, group] = qc.mins[:, 0]
+
+    def round(self, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and dequantized values of column `w` in block `group` (what llama.cpp will compute)."""
+        g = GRIDS[self.grid]
+        d = self.scales[:, group].float()
+        m = self.mins[:, group].float() if self.mins is not None else 0.0
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        x = (w - m) * inv
+        q = torch.clamp(_round_away(x), g.qmin, g.qmax)
+        return q, q * d + m
+
+
+# ---------------------------------------------------------------- the sweep
+def _pruned_errors(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scaled errors E of pruning `mask` in sub-block W [rows, b] given U [b, b] (upper), exactly as the
+    column loop would produce them: for a pruned column i, Σ_{k≤i} U_ki E_k = W_i; E_i = 0 otherwise.
+    One lower-triangular solve per row."""
+    m = mask.to(W.dtype)
+    A = U.T.expand(W.shape[0], -1, -1) * m.unsqueeze(-1)
+    A.diagonal(dim1=-2, dim2=-1).add_(1.0 - m)
+    return torch.linalg.solve_triangular(A, (W * m).unsqueeze(-1), upper=False).squeeze(-1)
+
+
+def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """Exactly floor(sparsity · size) lowest-saliency weights of each segment's slice of the block."""
+    score = W1.pow(2) / d.pow(2).unsqueeze(0)
+    mask = torch.zeros_like(W1, dtype=torch.bool)
+    for r0, r1 in segments:
+        s = score[r0:r1].reshape(-1)
+        k = int(s.numel() * sparsity)
+        if k:
+            idx = torch.topk(s, k, largest=False, sorted=False).indices
+            mask[r0:r1].view(-1)[idx] = True
+    return mask
+
+
+def _nm_mask(W: torch.Tensor, d: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """n lowest-saliency weights of every group of m consecutive columns (W has a multiple of m columns)."""
+    rows, b = W.shape
+    score = (W.pow(2) / d.pow(2).unsqueeze(0)).reshape(rows, b // m, m)
+    idx = torch.topk(score, n, dim=-1, largest=False).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, b)
+
+
+@torch.no_grad()
+def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, grid: str | None = None,
+          segments: list[tuple[int, int]] | None = None, perm: torch.Tensor | None = None,
+          static_scales: GroupScales | None = None, blocksize: int = 128) -> SweepResult:
+    """Compress W [rows, cols] (columns already in processing order `perm`, if any) against U.
+
+    `segments` are the row ranges of the linears stacked in W (they share one Hessian but get their own
+    unstructured masks). With `perm` (act-order), `static_scales` must hold the scales of the original
+    32-column blocks; without it, each block's scale is chosen when the sweep reaches the block.
+    Returns the weight and codes in the original column order.
+    """
+    rows, cols = W.shape
+    W = W.clone().float()
+    segments = segments or [(0, rows)]
+    pruning = pruning if pruning and (pruning.sparsity > 0 or pruning.structured_nm) else None
+    if blocksize % SUB or blocksize % BLOCK:
+        raise CompressError(f"blocksize {blocksize} must be a multiple of {max(SUB, BLOCK)}.")
+    scales = None
+    codes = None
+    if grid is not None:
+        if perm is not None and static_scales is None:
+            raise CompressError("act-order quantization needs static scales of the original 32-column blocks.")
+        codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+        scales = static_scales if static_scales is not None else GroupScales.empty(grid, rows, cols, W.device)
+    group_of = perm // BLOCK if perm is not None else torch.arange(cols, device=W.device) // BLOCK
+    group_of = group_of.tolist()
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device) if pruning else None
+    # An N:M sub-block is one group, so each group's mask sees the updates of all groups before it.
+    sub = pruning.m if pruning and pruning.structured_nm else SUB
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        d1 = torch.diag(U1)
+        mask1 = None
+        if pruning and not pruning.structured_nm:
+            mask1 = _unstructured_mask(W1, d1, pruning.sparsity, segments)
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            Wj, Uj = W1[:, j1:j2], U1[j1:j2, j1:j2]
+            if pruning and pruning.structured_nm:
+                mj = _nm_mask(Wj, torch.diag(Uj), pruning.n, pruning.m)
+            else:
+                mj = mask1[:, j1:j2] if mask1 is not None else None
+            if grid is None:
+                Ej = _pruned_errors(Wj, Uj, mj)
+                Wj.sub_(Ej @ torch.triu(Uj, 1))  # updates inside the sub-block; pruned entries zeroed below
+                Wj.masked_fill_(mj, 0.0)
+            else:
+                Ej = torch.empty_like(Wj)
+                for c in range(j2 - j1):
+                    col = i1 + j1 + c
+                    w = Wj[:, c]
+                    if static_scales is None and col % BLOCK == 0:
+                        blk = W[:, col:col + BLOCK]  # current values: every earlier column's update is in
+                        if mask1 is not None:
+                            blk = blk.masked_fill(mask1[:, col - i1:col - i1 + BLOCK], 0.0)
+                        scales.set_from(col // BLOCK, blk)
+                    target = w.masked_fill(mj[:, c], 0.0) if mj is not None else w
+                    q, v = scales.round(target, group_of[col])
+                    if mj is not None:
+                        q = q.masked_fill(mj[:, c], 0.0)
+                        v = v.masked_fill(mj[:, c], 0.0)
+                    codes[:, col] = q.to(torch.int8)
+                    err = (w - v) / Uj[c, c]
+                    Wj[:, c:].addr_(err, Uj[c, c:], alpha=-1.0)
+                    Wj[:, c] = v
+                    Ej[:, c] = err
+            if mj is not None:
+                mask[:, i1 + j1:i1 + j2] = mj
+            E1[:, j1:j2] = Ej
+            if j2 < i2 - i1:
+                W1[:, j2:].sub_(Ej @ U1[j1:j2, j2:])
+        if i2 < cols:
+            W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
+
+    qc = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W = W[:, inv]
+        mask = mask[:, inv] if mask is not None else None
+        codes = codes[:, inv] if codes is not None else None
+    if grid is not None:
+        qc = QuantCodes(grid, codes.cpu(), scales.scales.cpu(), None if scales.mins is None else scales.mins.cpu())
+    return SweepResult(W, qc, mask)
+
+
+@contextlib.contextmanager
+def sweep_threads(device: torch.device) -> Iterator[None]:
+    """On CPU the sweep's many small ops run faster on one thread than fighting over a contended pool."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compress_weight(W: torch.Tensor, H: torch.Tensor, name: str, *, pruning: Pruning | None = None,
+                    grid: str | None = None, act_order: bool = False, damp: float = 0.01,
+                    segments: list[tuple[int, int]] | None = None, blocksize: int = 128) -> tuple[SweepResult, float]:
+    """SparseGPT / GPTQ / both on one (stacked) weight. Returns the result and its relative reconstruction error."""
+    rows, cols = W.shape
+    _check_args(name, cols, pruning, grid)
+    if grid is None and pruning is None:
+        raise CompressError(f"layer '{name}': nothing to do; give a sparsity pattern, a grid, or both.")
+    U, dead = inverse_cholesky(H, damp, name)
+    W0 = W.float()
+    W = W0.clone()
+    W[:, dead] = 0.0
+    perm = static = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        if grid is not None:
+            static = GroupScales.empty(grid, rows, cols, W.device)
+            for g in range(cols // BLOCK):
+                static.set_from(g, W[:, g * BLOCK:(g + 1) * BLOCK])
+        W = W[:, perm]
+        Hp = H[perm][:, perm]
+        U, _ = inverse_cholesky(Hp, damp, name)
+    with sweep_threads(W.device):
+        res = sweep(W, U, pruning=pruning, grid=grid, segments=segments, perm=perm, static_scales=static,
+                    blocksize=blocksize)
+    return res, reconstruction_error(W0, res.weight, H)
+
+
+def _check_args(name: str, cols: int, pruning: Pruning | None, grid: str | None) -> None:
+    if pruning is not None:
+        if pruning.structured_nm:
+            if not (0 < pruning.n < pruning.m) or SUB % pruning.m:
+                raise CompressError(f"layer '{name}': N:M pattern {pruning.n}:{pruning.m} is not supported; use "
+                                    f"N < M with M dividing {SUB} (2:4, 4:8, 1:2 ...).")
+            if cols % pruning.m:
+                raise CompressError(f"layer '{name}': N:M pattern {pruning.n}:{pruning.m} needs the input "
+                                    f"dimension ({cols}) to be a multiple of {pruning.m}.")
+        elif not 0.0 < pruning.sparsity < 1.0:
+            raise CompressError(f"layer '{name}': sparsity {pruning.sparsity} must lie in (0, 1).")
+    if grid is not None:
+        if grid not in GRIDS:
+            raise CompressError(f"layer '{name}': unknown grid '{grid}'; expected one of {sorted(GRIDS)}.")
+        if cols % BLOCK:
+            raise CompressError(f"layer '{name}': input dimension {cols} is not a multiple of {BLOCK}; the "
+                                f"{grid} grid quantizes blocks of {BLOCK} along it.")
+        if pruning is not None and GRIDS[grid].has_min:
+            raise CompressError(f"layer '{name}': joint sparsity + quantization needs a grid that holds an exact "
+                                f"zero (q8_0, q4_0); {grid} stores an offset min.")
