@@ -58,10 +58,24 @@ class DistillSpec(Section):
 
 
 class CompressSpec(Section):
-    method: Literal["q8_0", "none"] = Field("q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale)")
+    method: Literal["q8_0", "none", "gptq", "sparsegpt", "structured"] = Field(
+        "q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale); gptq: OBS rounding "
+        "onto `grid`; sparsegpt: OBS pruning by `sparsity`/`pattern` (plus `grid` for joint quantization); "
+        "structured: remove FFN neurons / KV head groups with OBS compensation (a smaller dense model)")
+    grid: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="GGUF grid for gptq (default q4_0) or sparsegpt+quantization")
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="sparsegpt (unstructured): fraction of each block linear removed; structured: fraction of FFN neurons removed")
+    pattern: str = Field("unstructured", pattern=r"^(unstructured|\d+:\d+)$", description="sparsegpt: 'unstructured' or N:M ('2:4', '4:8')")
+    heads_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="structured: fraction of KV head groups removed")
+    act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static 32-column groups)")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="relative Hessian dampening (escalated automatically on failure)")
+    blocksize: int = Field(128, ge=32, le=4096, multiple_of=32, description="OBS sweep outer block (columns)")
+    calib_windows: int = Field(32, ge=1, le=4096, description="calibration windows (from the training text)")
+    calib_seq_len: int = Field(512, ge=8, le=32768)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where each block is compressed: auto = GPU if present")
+    eval_windows: int = Field(8, ge=1, le=10_000, description="held-out windows for perplexity before/after")
 
 
-GgufType = Literal["f32", "f16", "q8_0"]
+GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_1"]
 
 
 class ExportSpec(Section):
@@ -97,6 +111,7 @@ class Recipe(Section):
         r.distill.warmup_steps = min(r.distill.warmup_steps, 3)
         r.student.calib_windows = min(r.student.calib_windows, 4)
         r.eval.windows = min(r.eval.windows, 8)
+        r.compress.calib_windows = min(r.compress.calib_windows, 8)
         r.data.max_chars = min(r.data.max_chars, 600_000)
         return r
 

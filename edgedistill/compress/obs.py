@@ -78,6 +78,15 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Ten
     λ = damp · mean(diag H). If the factorisation fails, λ is raised tenfold (logged) up to
     `DAMP_ESCALATION[-1]` · damp; then a CompressError names the layer.
     """
+    return _damped(H, damp, name, upper_factor=True)
+
+
+def damped_inverse(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + λI)⁻¹ itself (for structured removal), with the same dead-input handling and escalation."""
+    return _damped(H, damp, name, upper_factor=False)
+
+
+def _damped(H: torch.Tensor, damp: float, name: str, upper_factor: bool) -> tuple[torch.Tensor, torch.Tensor]:
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -93,6 +102,8 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Ten
         L, info = torch.linalg.cholesky_ex(Hd)
         if info.item() == 0:
             Hinv = torch.cholesky_inverse(L)
+            if not upper_factor:
+                return Hinv, dead
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info.item() == 0 and torch.isfinite(U).all():
                 return U, dead
@@ -289,7 +300,8 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, name: str, *, pruning: Pru
     W = W0.clone()
     W[:, dead] = 0.0
     perm = static = None
-    if act_order:
+    # Act-order only reorders pure quantization: masks (N:M groups, outer blocks) live in the original order.
+    if act_order and grid is not None and pruning is None:
         perm = torch.argsort(torch.diag(H), descending=True)
         if grid is not None:
             static = GroupScales.empty(grid, rows, cols, W.device)
@@ -324,3 +336,41 @@ def _check_args(name: str, cols: int, pruning: Pruning | None, grid: str | None)
         if pruning is not None and GRIDS[grid].has_min:
             raise CompressError(f"layer '{name}': joint sparsity + quantization needs a grid that holds an exact "
                                 f"zero (q8_0, q4_0); {grid} stores an offset min.")
+
+
+@torch.no_grad()
+def remove_column_groups(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, remove: int, name: str,
+                         damp: float = 0.01) -> tuple[list[int], torch.Tensor, float]:
+    """Structured OBS: drop `remove` of the equal-sized column groups `groups` [G, s] of W, compensating on the
+    others. Greedy in a few rounds: each round removes the groups whose joint removal error
+    tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ) is smallest, then applies the exact joint update to W and H⁻¹.
+    Returns the kept group indices (sorted), W with every column kept (removed ones zeroed), and the
+    relative reconstruction error."""
+    G = groups.shape[0]
+    if not 0 <= remove < G:
+        raise CompressError(f"layer '{name}': cannot remove {remove} of {G} groups; at least one must stay.")
+    Hinv, dead = damped_inverse(H, damp, name)
+    W0 = W.float()
+    W = W0.clone()
+    W[:, dead] = 0.0
+    alive = torch.ones(G, dtype=torch.bool)
+    rounds = min(remove, 16)
+    removed = 0
+    for r in range(rounds):
+        take = (remove * (r + 1)) // rounds - removed
+        if take == 0:
+            continue
+        idx = groups[alive]                                   # [A, s]
+        Hss = Hinv[idx.unsqueeze(-1), idx.unsqueeze(-2)]      # [A, s, s]
+        Ws = W[:, idx].permute(1, 2, 0)                       # [A, s, rows]
+        err = (Ws * torch.linalg.solve(Hss, Ws)).sum(dim=(1, 2))
+        pick = torch.nonzero(alive).squeeze(1)[torch.topk(err, take, largest=False).indices]
+        S = groups[pick].reshape(-1)
+        A = torch.linalg.inv(Hinv[S][:, S])
+        W -= W[:, S] @ A @ Hinv[S, :]
+        Hinv -= Hinv[:, S] @ A @ Hinv[S, :]
+        W[:, S] = 0.0
+        alive[pick] = False
+        removed += take
+    kept = torch.nonzero(alive).squeeze(1).tolist()
+    return kept, W, reconstruction_error(W0, W, H)
