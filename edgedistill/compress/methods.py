@@ -14,7 +14,7 @@ import torch
 from ..errors import CompressError
 from .grids import GRIDS, QuantCodes
 from .layerwise import InputGroup, compress_layerwise, decoder_blocks
-from .obs import Pruning, compress_weight, reconstruction_error
+from .obs import Pruning, compress_weight
 
 PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -30,6 +30,7 @@ class ObsConfig:
     device: str = "auto"
     forward_dtype: str = "bfloat16"
     batch_size: int = 8
+    cpu_threads: int = 1                  # see layerwise.compress_layerwise
 
 
 def parse_pruning(sparsity: float, pattern: str, field: str = "compress.pattern") -> Pruning | None:
@@ -86,9 +87,9 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
         res, _ = compress_weight(W, H, f"{prefix}{i}.{'+'.join(group.names)}", pruning=pruning, grid=cfg.grid,
                                  act_order=cfg.act_order, damp=cfg.damp, segments=bounds, blocksize=cfg.blocksize)
         out = {}
-        for n, m, (r0, r1) in zip(group.names, mods, bounds):
+        for n, m, (r0, r1), err in zip(group.names, mods, bounds, res.segment_errors):
             new = res.weight[r0:r1]
-            metrics = {"rel_error": round(reconstruction_error(W[r0:r1], new, H), 6),
+            metrics = {"rel_error": round(err, 6),
                        "sparsity": round((new == 0).float().mean().item(), 4)}
             m.weight.data.copy_(new.to(m.weight.dtype))
             if res.codes is not None:
@@ -100,7 +101,7 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
         return out
 
     result = compress_layerwise(model, windows, compress_group, device=device, forward_dtype=dtype,
-                                batch_size=cfg.batch_size)
+                                batch_size=cfg.batch_size, cpu_threads=cfg.cpu_threads)
     errs = [m["rel_error"] for m in result["layers"].values()]
     total = zero = 0
     for blk in decoder_blocks(model):
