@@ -233,3 +233,34 @@ def test_structured_beats_dropping_without_compensation(tiny_model_dir, calib):
     cut[:, [j for j in range(128) if j not in kept]] = 0.0
     cut[:, 5] = 0.0
     assert len(kept) == 64 and err < reconstruction_error(W, cut, H)
+
+
+# ---------------------------------------------------------------- recipe and CLI
+def test_recipe_rejects_bad_compress_fields():
+    from edgedistill.errors import RecipeError
+    from edgedistill.recipe import parse_recipe
+    with pytest.raises(RecipeError, match="compress.sparsity"):
+        parse_recipe({"compress": {"method": "sparsegpt", "sparsity": 1.5}})
+    with pytest.raises(RecipeError, match="compress.pattern"):
+        parse_recipe({"compress": {"method": "sparsegpt", "pattern": "half"}})
+    with pytest.raises(RecipeError, match="compress.method"):
+        parse_recipe({"compress": {"method": "awq"}})
+    assert parse_recipe({}).compress.method == "q8_0"
+
+
+def test_cli_compress_structured(tmp_path, tiny_model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgedistill.cli import app
+    res = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "structured", "--sparsity", "0.5",
+                                   "--calib-windows", "4", "--calib-seq-len", "64", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "c" / "compress_metrics.json").read_text())
+    assert metrics["params"] < metrics["params_before"] and metrics["ffn_kept"] == 64
+    assert metrics["ppl_after"] > 1.0 and metrics["ppl_before"] > 1.0
+    assert (tmp_path / "c" / "model" / "config.json").is_file()
+    bad = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "4:2",
+                                   "--calib-windows", "2", "--calib-seq-len", "64", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 2 and "4:2" in bad.output
