@@ -89,6 +89,20 @@ def test_joint_sparsity_and_quantization():
 
 
 # ---------------------------------------------------------------- numerics
+@pytest.mark.parametrize("d", [48, 600, 1100])
+def test_hessian_accumulator_matches_2xxt(d):
+    from edgedistill.compress.obs import HessianAccumulator
+    x = torch.randn(3, 200, d, dtype=torch.float64)
+    acc = HessianAccumulator(d, "cpu")
+    acc.add(x[0].to(torch.bfloat16))
+    acc.add(x[1:].to(torch.bfloat16))
+    xb = x.to(torch.bfloat16).double().reshape(-1, d)
+    ref = 2 * xb.T @ xb / 600
+    assert acc.H.dtype == torch.float32 and acc.tokens == 600
+    assert torch.allclose(acc.H.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    assert torch.allclose(acc.H, acc.H.T, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
 def test_dead_inputs_and_damp_escalation(caplog):
     H = torch.eye(64)
     H[3, 3] = 0.0                  # dead input: handled, not an error
