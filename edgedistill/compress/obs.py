@@ -177,20 +177,31 @@ class GroupScales:
 
 
 # ---------------------------------------------------------------- the sweep
-def _pruned_errors(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled errors E of pruning `mask` in sub-block W [rows, b] given U [b, b] (upper), exactly as the
-    column loop would produce them: for a pruned column i, Σ_{k≤i} U_ki E_k = W_i; E_i = 0 otherwise.
-    One lower-triangular solve per row."""
-    m = mask.to(W.dtype)
-    A = U.T.expand(W.shape[0], -1, -1) * m.unsqueeze(-1)
-    A.diagonal(dim1=-2, dim2=-1).add_(1.0 - m)
-    return torch.linalg.solve_triangular(A, (W * m).unsqueeze(-1), upper=False).squeeze(-1)
+def _pruned_errors(Wt: torch.Tensor, U: torch.Tensor, mask_t: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Scaled errors Eᵀ [b, rows] of pruning `mask_t` in a transposed sub-block Wᵀ [b, rows] given U [b, b]
+    (upper): for a pruned column i, Σ_{k≤i} U_ki E_k = W_i; E_i = 0 otherwise. Leaves Wᵀ unchanged.
+
+    batched: one lower-triangular solve per row in a single batched call (one kernel on a GPU). Else
+    forward substitution over the b columns, each step vectorised over rows: on CPU the batched solve
+    is a LAPACK call per row, thousands per sub-block, and was slower than the published column loop."""
+    m = mask_t.to(Wt.dtype)
+    if batched:
+        mr = m.T
+        A = U.T.expand(Wt.shape[1], -1, -1) * mr.unsqueeze(-1)
+        A.diagonal(dim1=-2, dim2=-1).add_(1.0 - mr)
+        return torch.linalg.solve_triangular(A, (Wt.T * mr).unsqueeze(-1), upper=False).squeeze(-1).T
+    R = Wt.clone()
+    E = torch.empty_like(Wt)
+    for c in range(Wt.shape[0]):
+        torch.mul(R[c], m[c], out=E[c]).div_(U[c, c])
+        R[c + 1:].addr_(U[c, c + 1:], E[c], alpha=-1.0)
+    return E
 
 
 def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]]) -> torch.Tensor:
     """Exactly floor(sparsity · size) lowest-saliency weights of each segment's slice of the block."""
     score = W1.pow(2) / d.pow(2).unsqueeze(0)
-    mask = torch.zeros_like(W1, dtype=torch.bool)
+    mask = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
     for r0, r1 in segments:
         s = score[r0:r1].reshape(-1)
         k = int(s.numel() * sparsity)
@@ -211,89 +222,96 @@ def _nm_mask(W: torch.Tensor, d: torch.Tensor, n: int, m: int) -> torch.Tensor:
 @torch.no_grad()
 def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, grid: str | None = None,
           segments: list[tuple[int, int]] | None = None, perm: torch.Tensor | None = None,
-          static_scales: GroupScales | None = None, blocksize: int = 128) -> SweepResult:
+          static_scales: GroupScales | None = None, blocksize: int = 128,
+          batched_solve: bool | None = None) -> SweepResult:
     """Compress W [rows, cols] (columns already in processing order `perm`, if any) against U.
 
     `segments` are the row ranges of the linears stacked in W (they share one Hessian but get their own
     unstructured masks). With `perm` (act-order), `static_scales` must hold the scales of the original
     32-column blocks; without it, each block's scale is chosen when the sweep reaches the block.
-    Returns the weight and codes in the original column order.
+    Returns the weight and codes in the original column order. `batched_solve` (default: on GPUs only)
+    picks how pruned sub-blocks are solved; both give the same result.
+
+    Internally the sweep works on Wᵀ, so that each column it visits is one contiguous row.
     """
     rows, cols = W.shape
-    W = W.clone().float()
+    if batched_solve is None:
+        batched_solve = W.device.type != "cpu"
+    Wt = W.T.float().contiguous()  # [cols, rows]
     segments = segments or [(0, rows)]
     pruning = pruning if pruning and (pruning.sparsity > 0 or pruning.structured_nm) else None
     if blocksize % SUB or blocksize % BLOCK:
         raise CompressError(f"blocksize {blocksize} must be a multiple of {max(SUB, BLOCK)}.")
-    scales = None
-    codes = None
+    scales = codes_t = None
     if grid is not None:
         if perm is not None and static_scales is None:
             raise CompressError("act-order quantization needs static scales of the original 32-column blocks.")
-        codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+        codes_t = torch.zeros(cols, rows, dtype=torch.int8, device=W.device)
         scales = static_scales if static_scales is not None else GroupScales.empty(grid, rows, cols, W.device)
-    group_of = perm // BLOCK if perm is not None else torch.arange(cols, device=W.device) // BLOCK
-    group_of = group_of.tolist()
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device) if pruning else None
+    group_of = (perm // BLOCK if perm is not None else torch.arange(cols, device=W.device) // BLOCK).tolist()
+    mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=W.device) if pruning else None
     # An N:M sub-block is one group, so each group's mask sees the updates of all groups before it.
     sub = pruning.m if pruning and pruning.structured_nm else SUB
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
-        d1 = torch.diag(U1)
         mask1 = None
         if pruning and not pruning.structured_nm:
-            mask1 = _unstructured_mask(W1, d1, pruning.sparsity, segments)
+            mask1 = _unstructured_mask(W1.T, torch.diag(U1), pruning.sparsity, segments).T
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
-            Wj, Uj = W1[:, j1:j2], U1[j1:j2, j1:j2]
+            Wj, Uj = W1[j1:j2], U1[j1:j2, j1:j2]
             if pruning and pruning.structured_nm:
-                mj = _nm_mask(Wj, torch.diag(Uj), pruning.n, pruning.m)
+                mj = _nm_mask(Wj.T, torch.diag(Uj), pruning.n, pruning.m).T
             else:
-                mj = mask1[:, j1:j2] if mask1 is not None else None
+                mj = mask1[j1:j2] if mask1 is not None else None
             if grid is None:
-                Ej = _pruned_errors(Wj, Uj, mj)
-                Wj.sub_(Ej @ torch.triu(Uj, 1))  # updates inside the sub-block; pruned entries zeroed below
+                Ej = _pruned_errors(Wj, Uj, mj, batched_solve)
+                Wj.sub_(torch.triu(Uj, 1).T @ Ej)  # updates inside the sub-block; pruned entries zeroed below
                 Wj.masked_fill_(mj, 0.0)
             else:
                 Ej = torch.empty_like(Wj)
                 for c in range(j2 - j1):
                     col = i1 + j1 + c
-                    w = Wj[:, c]
+                    w = Wj[c]
                     if static_scales is None and col % BLOCK == 0:
-                        blk = W[:, col:col + BLOCK]  # current values: every earlier column's update is in
+                        blk = Wt[col:col + BLOCK]  # current values: every earlier column's update is in
                         if mask1 is not None:
-                            blk = blk.masked_fill(mask1[:, col - i1:col - i1 + BLOCK], 0.0)
-                        scales.set_from(col // BLOCK, blk)
-                    target = w.masked_fill(mj[:, c], 0.0) if mj is not None else w
+                            blk = blk.masked_fill(mask1[col - i1:col - i1 + BLOCK], 0.0)
+                        scales.set_from(col // BLOCK, blk.T)
+                    target = w.masked_fill(mj[c], 0.0) if mj is not None else w
                     q, v = scales.round(target, group_of[col])
                     if mj is not None:
-                        q = q.masked_fill(mj[:, c], 0.0)
-                        v = v.masked_fill(mj[:, c], 0.0)
-                    codes[:, col] = q.to(torch.int8)
+                        q = q.masked_fill(mj[c], 0.0)
+                        v = v.masked_fill(mj[c], 0.0)
+                    codes_t[col] = q.to(torch.int8)
                     err = (w - v) / Uj[c, c]
-                    Wj[:, c:].addr_(err, Uj[c, c:], alpha=-1.0)
-                    Wj[:, c] = v
-                    Ej[:, c] = err
+                    Wj[c:].addr_(Uj[c, c:], err, alpha=-1.0)
+                    Wj[c] = v
+                    Ej[c] = err
             if mj is not None:
-                mask[:, i1 + j1:i1 + j2] = mj
-            E1[:, j1:j2] = Ej
+                mask_t[i1 + j1:i1 + j2] = mj
+            E1[j1:j2] = Ej
             if j2 < i2 - i1:
-                W1[:, j2:].sub_(Ej @ U1[j1:j2, j2:])
+                W1[j2:].sub_(U1[j1:j2, j2:].T @ Ej)
         if i2 < cols:
-            W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
+            Wt[i2:].sub_(U[i1:i2, i2:].T @ E1)
 
-    qc = None
+    W = Wt.T
+    mask = mask_t.T if mask_t is not None else None
+    codes = codes_t.T if codes_t is not None else None
     if perm is not None:
         inv = torch.argsort(perm)
         W = W[:, inv]
         mask = mask[:, inv] if mask is not None else None
         codes = codes[:, inv] if codes is not None else None
+    qc = None
     if grid is not None:
-        qc = QuantCodes(grid, codes.cpu(), scales.scales.cpu(), None if scales.mins is None else scales.mins.cpu())
-    return SweepResult(W, qc, mask)
+        qc = QuantCodes(grid, codes.contiguous().cpu(), scales.scales.cpu(),
+                        None if scales.mins is None else scales.mins.cpu())
+    return SweepResult(W.contiguous(), qc, None if mask is None else mask.contiguous())
 
 
 @contextlib.contextmanager
