@@ -5,9 +5,14 @@ llama-cpp-python's `llama_model_quantize`), and ours: GPTQ onto Q4_0 / Q4_1 bloc
 GGUF losslessly. Every file is scored on the same held-out windows (stdlib text never used for
 calibration) by llama.cpp itself.
 
-GGUF's Q4_0 ftype in llama.cpp keeps the (tied) output/embedding tensor at Q6_K. Our grids have no
-Q6_K, so "ours" comes in two sizes: `*_emb_q8_0` (embedding RTN Q8_0: a slightly bigger file) and
-`*_emb_same` (embedding on the same 4-bit grid: a smaller file). File sizes are reported for all.
+llama.cpp's Q4_0 ftype wants Q6_K for the (tied) output/embedding tensor; for SmolLM2 (576 columns,
+not a multiple of 256) it falls back to Q8_0. So "ours" comes in two sizes: `*_emb_q8_0` (embedding
+RTN Q8_0: the same file size as llama.cpp's Q4_0, the headline `gap_closed`) and `*_emb_same`
+(embedding on the same 4-bit grid: a smaller file). File sizes are reported for all.
+
+Caveat for Q4_1: the embedded teacher is itself dequantized from a Q4_1 GGUF, so its weights already
+sit on a Q4_1 grid and GPTQ Q4_1 reproduces them exactly (reconstruction error 0): pass `--grids q4_0`
+to skip that trivial case (each grid costs a few minutes of GPTQ plus two llama.cpp evaluations).
 
     python bench/quant_quality.py [--windows 16] [--seq-len 512] [--calib 32x512]
 
