@@ -121,19 +121,17 @@ def stage_distill(ctx: BuildContext) -> Artifact:
 
 
 def stage_compress(ctx: BuildContext) -> Artifact:
-    from .compress.rtn import CODES_FILE, quantize_model, save_codes
-    from .models import load_causal_lm
-    method = ctx.recipe.compress.method
+    from .compress.stage import compress_model
+    spec = ctx.recipe.compress
     dest = ctx.path("compressed")
-    if method == "none":
+    if spec.method == "none":
         return Artifact([], {"method": "none"})
-    model = load_causal_lm(str(ctx.path("student")))
+    stream = token_stream(ctx.tokenizer, ctx.corpus.train, max_tokens=spec.calib_windows * spec.calib_seq_len)
+    calib = windows(stream, spec.calib_seq_len, spec.calib_windows, what="calibration text")
     with atomic_dir(dest) as tmp:
-        codes, metrics = quantize_model(model, method)
-        model.save_pretrained(tmp / "model")
-        ctx.tokenizer.save_pretrained(tmp / "model")
-        save_codes(codes, tmp / CODES_FILE)
-    return Artifact([dest], {"method": method, **metrics})
+        metrics = compress_model(ctx.path("student"), tmp, spec, ctx.tokenizer, calib,
+                                 ctx.eval_windows[:spec.eval_windows])
+    return Artifact([dest], metrics)
 
 
 def stage_export(ctx: BuildContext) -> Artifact:
@@ -143,17 +141,22 @@ def stage_export(ctx: BuildContext) -> Artifact:
     dest = ctx.path("export")
     metrics: dict = {"gguf": {}, "onnx": None}
     compressed = ctx.path("compressed")
+    codes_file = compressed / CODES_FILE
+    grid = ctx.metrics("compress").get("grid") or (ctx.metrics("compress").get("config") or {}).get("grid")
+    # Pruning changes the model itself, so every format is exported from it; a pure quantizer's codes
+    # are used for their own grid, the other formats come from the unquantized student.
+    reshaped = ctx.recipe.compress.method in ("sparsegpt", "structured")
     with atomic_dir(dest) as tmp:
         for qtype in exp.gguf:
-            src, codes = ctx.path("student"), None
-            if qtype == ctx.recipe.compress.method and (compressed / CODES_FILE).is_file():
-                src, codes = compressed / "model", load_codes(compressed / CODES_FILE)
+            src, codes = (compressed / "model" if reshaped else ctx.path("student")), None
+            if qtype == grid and codes_file.is_file():
+                src, codes = compressed / "model", load_codes(codes_file)
             name = f"student-{qtype}.gguf"
             info = write_gguf(src, tmp / name, dtype=qtype, codes=codes)
             metrics["gguf"][f"export/{name}"] = {**info, "from_codes": codes is not None}
         if exp.onnx:
             from .export.onnx import export_onnx
-            info = export_onnx(ctx.path("student"), tmp / "student.onnx")
+            info = export_onnx(compressed / "model" if reshaped else ctx.path("student"), tmp / "student.onnx")
             metrics["onnx"] = {k: v for k, v in info.items() if k != "files"}
     return Artifact([dest], metrics)
 

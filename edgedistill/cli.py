@@ -95,6 +95,54 @@ def recipe_cmd(path: Optional[Path] = typer.Argument(None, help="recipe to valid
     print(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), end="")
 
 
+@app.command()
+def compress(model: str = typer.Argument(..., help="HF model folder (or hub id / .gguf) to compress"),
+             method: str = typer.Option("sparsegpt", "--method", help="gptq | sparsegpt | structured | q8_0"),
+             out: Path = typer.Option(..., "--out", help="output folder: model/ (+ quant_codes.safetensors)"),
+             grid: Optional[str] = typer.Option(None, help="GGUF grid: q8_0 | q4_0 | q4_1 (gptq default q4_0)"),
+             sparsity: float = typer.Option(0.5, help="sparsegpt: fraction removed; structured: FFN fraction removed"),
+             pattern: str = typer.Option("unstructured", help="sparsegpt: unstructured | 2:4 | 4:8"),
+             heads_sparsity: float = typer.Option(0.0, help="structured: fraction of KV head groups removed"),
+             calib_windows: int = typer.Option(32, help="calibration windows"),
+             calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
+             data: str = typer.Option("stdlib", help="calibration / held-out text: 'stdlib' or a file/folder"),
+             device: str = typer.Option("auto", help="auto | cpu | cuda")) -> None:
+    """Compress one model (SparseGPT, GPTQ on GGUF grids, structured pruning) and print its metrics."""
+    import json
+
+    from .compress.stage import compress_model
+    from .data.text import load_corpus
+    from .data.tokens import token_stream, windows
+    from .models import load_tokenizer, resolve_model
+    from .recipe import parse_recipe
+    try:
+        r = parse_recipe({"compress": {"method": method, "grid": grid, "sparsity": sparsity, "pattern": pattern,
+                                       "heads_sparsity": heads_sparsity, "calib_windows": calib_windows,
+                                       "calib_seq_len": calib_seq_len, "device": device},
+                          "data": {"source": data},
+                          # only so the recipe's "codes are exported" check holds; this command exports nothing
+                          "export": {"gguf": ["f16"] + ([grid or "q4_0"] if method == "gptq" else [grid] if grid else [])}})
+        model_dir = resolve_model(model)
+        tok = load_tokenizer(model_dir)
+        corpus = load_corpus(r.data.source, r.data.max_chars, r.data.heldout_fraction, r.data.seed)
+        spec = r.compress
+        calib = windows(token_stream(tok, corpus.train, spec.calib_windows * spec.calib_seq_len), spec.calib_seq_len,
+                        spec.calib_windows, what="calibration text")
+        heldout = windows(token_stream(tok, corpus.heldout, spec.eval_windows * r.eval.seq_len), r.eval.seq_len,
+                          spec.eval_windows, what="held-out text")
+        from .artifacts import atomic_dir, atomic_write_json
+        with atomic_dir(out) as tmp:
+            metrics = compress_model(model_dir, tmp, spec, tok, calib, heldout)
+            atomic_write_json(tmp / "compress_metrics.json", metrics)
+    except EdgeDistillError as e:
+        _fail(e)
+        return
+    summary = {k: metrics[k] for k in ("method", "ppl_before", "ppl_after", "compress_seconds", "params",
+                                       "block_linear_sparsity", "mean_rel_error") if k in metrics}
+    print(json.dumps(summary))
+    print(f"Compressed model: {out / 'model'}  (metrics: {out / 'compress_metrics.json'})")
+
+
 def main() -> None:
     app()
 

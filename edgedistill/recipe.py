@@ -58,10 +58,32 @@ class DistillSpec(Section):
 
 
 class CompressSpec(Section):
-    method: Literal["q8_0", "none"] = Field("q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale)")
+    method: Literal["q8_0", "none", "gptq", "sparsegpt", "structured"] = Field(
+        "q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale); gptq: OBS rounding "
+        "onto `grid`; sparsegpt: OBS pruning by `sparsity`/`pattern` (plus `grid` for joint quantization); "
+        "structured: remove FFN neurons / KV head groups with OBS compensation (a smaller dense model)")
+    grid: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="GGUF grid for gptq (default q4_0) or sparsegpt+quantization")
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="sparsegpt (unstructured): fraction of each block linear removed; structured: fraction of FFN neurons removed")
+    pattern: str = Field("unstructured", pattern=r"^(unstructured|\d+:\d+)$", description="sparsegpt: 'unstructured' or N:M ('2:4', '4:8')")
+    heads_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="structured: fraction of KV head groups removed")
+    act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static 32-column groups)")
+    damp: float = Field(0.01, gt=0.0, lt=1.0, description="relative Hessian dampening (escalated automatically on failure)")
+    blocksize: int = Field(128, ge=32, le=4096, multiple_of=32, description="OBS sweep outer block (columns)")
+    calib_windows: int = Field(32, ge=1, le=4096, description="calibration windows (from the training text)")
+    calib_seq_len: int = Field(512, ge=8, le=32768)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where each block is compressed: auto = GPU if present")
+    eval_windows: int = Field(8, ge=1, le=10_000, description="held-out windows for perplexity before/after")
+
+    @model_validator(mode="after")
+    def _grid_fits_method(self) -> "CompressSpec":
+        if self.method == "gptq" and self.grid is None:
+            self.grid = "q4_0"
+        if self.method == "sparsegpt" and self.grid == "q4_1":
+            raise ValueError("sparsegpt with a grid needs one that stores an exact zero (q8_0 or q4_0), not q4_1")
+        return self
 
 
-GgufType = Literal["f32", "f16", "q8_0"]
+GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_1"]
 
 
 class ExportSpec(Section):
@@ -90,6 +112,14 @@ class Recipe(Section):
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
+    @model_validator(mode="after")
+    def _codes_are_exported(self) -> "Recipe":
+        c = self.compress
+        if c.method in ("gptq", "sparsegpt") and c.grid and c.grid not in self.export.gguf:
+            raise ValueError(f"compress.grid is {c.grid} but export.gguf {self.export.gguf} does not list it, so its "
+                             f"codes would never be written; add {c.grid} to export.gguf")
+        return self
+
     def quick(self) -> "Recipe":
         """Same recipe with small step counts: a few minutes on 2 cores."""
         r = self.model_copy(deep=True)
@@ -97,6 +127,7 @@ class Recipe(Section):
         r.distill.warmup_steps = min(r.distill.warmup_steps, 3)
         r.student.calib_windows = min(r.student.calib_windows, 4)
         r.eval.windows = min(r.eval.windows, 8)
+        r.compress.calib_windows = min(r.compress.calib_windows, 8)
         r.data.max_chars = min(r.data.max_chars, 600_000)
         return r
 

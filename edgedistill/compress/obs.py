@@ -1,0 +1,427 @@
+"""The one Hessian (OBS) engine behind SparseGPT, GPTQ and structured pruning.
+
+A linear layer y = W x is compressed against its calibration inputs X through
+H = 2 X Xᵀ: removing or rounding weight w_i costs (w_i − q_i)² / [H⁻¹]_ii and is
+compensated on the columns not yet processed along row i of H⁻¹'s upper
+Cholesky factor U. Columns are swept left to right:
+
+* the sweep is blocked twice: an outer block (`blocksize`, 128 as in the papers)
+  fixes the adaptive unstructured mask and batches the update of all later
+  columns into one matrix product; inside it, sub-blocks of `SUB` columns are
+  solved together.
+* pure pruning of a sub-block is linear, so its sequential column loop collapses
+  into one batched triangular solve per row (`_pruned_errors`); N:M sub-blocks
+  are one N:M group each, so the mask is still chosen from the updated weights.
+* rounding onto a grid is not linear: those columns go one at a time, but only
+  over a sub-block's width.
+
+Everything here is pure tensor math on one device; `layerwise.py` feeds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..errors import CompressError
+from .grids import BLOCK, GRIDS, QuantCodes, _round_away, quantize
+
+log = logging.getLogger("edgedistill.compress")
+
+SUB = 16  # columns solved together inside an outer block (a multiple of every supported N:M group's M)
+DAMP_ESCALATION = (1.0, 10.0, 100.0, 1000.0)  # multiples of `damp` tried before giving up
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What to remove: `sparsity` of each (segment, outer block) by saliency, or `n` of every `m` columns."""
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured_nm(self) -> bool:
+        return self.m > 0
+
+
+@dataclass
+class SweepResult:
+    weight: torch.Tensor              # compressed weight, original column order, fp32
+    codes: QuantCodes | None          # when a grid was given
+    mask: torch.Tensor | None         # True where a weight was pruned
+    segment_errors: list[float] | None = None  # relative reconstruction error of each stacked linear
+
+
+# ---------------------------------------------------------------- Hessians
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ in fp32 over calibration tokens (any leading shape; last dim = features).
+
+    H is symmetric, so only the lower block triangle is multiplied (3 of 4 products for 2 column
+    blocks, 6 of 9 for 3); `H` mirrors it once when read."""
+
+    def __init__(self, columns: int, device: torch.device | str):
+        self._H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        n_blocks = 1 if columns < 512 else 2 if columns < 1024 else 3
+        edges = [round(columns * k / n_blocks) for k in range(n_blocks + 1)]
+        self._blocks = [slice(a, b) for a, b in zip(edges, edges[1:])]
+        self.tokens = 0
+        self._mirrored = False
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self._H.device, torch.float32)
+        total = self.tokens + x.shape[0]
+        self._H.mul_(self.tokens / total)
+        for i, a in enumerate(self._blocks):
+            for b in self._blocks[:i + 1]:
+                self._H[a, b].addmm_(x[:, a].T, x[:, b], alpha=2.0 / total)
+        self.tokens = total
+        self._mirrored = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        if not self._mirrored:
+            for i, a in enumerate(self._blocks):
+                for b in self._blocks[:i]:
+                    self._H[b, a] = self._H[a, b].T
+            self._mirrored = True
+        return self._H
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + λI)⁻¹ and the mask of dead inputs (zero diagonal).
+
+    λ = damp · mean(diag H). If the factorisation fails, λ is raised tenfold (logged) up to
+    `DAMP_ESCALATION[-1]` · damp; then a CompressError names the layer.
+    """
+    return _damped(H, damp, name, upper_factor=True)
+
+
+def damped_inverse(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + λI)⁻¹ itself (for structured removal), with the same dead-input handling and escalation."""
+    return _damped(H, damp, name, upper_factor=False)
+
+
+def _damped(H: torch.Tensor, damp: float, name: str, upper_factor: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = torch.diag(H).mean().item()
+    if not torch.isfinite(H.sum()):  # one reduction: inf/NaN anywhere propagates into the sum
+        raise CompressError(f"layer '{name}': its calibration Hessian holds inf/NaN (the layer's inputs overflow). "
+                            f"Calibrate in float32 or check the model's weights.")
+    eye = torch.arange(H.shape[0], device=H.device)
+    for factor in DAMP_ESCALATION:
+        lam = damp * factor * mean_diag
+        Hd = H.clone()
+        Hd[eye, eye] += lam
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            if not upper_factor:
+                return Hinv, dead
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0:
+                return U, dead
+        log.warning("layer '%s': Cholesky failed with dampening %.3g of the mean diagonal; retrying with %.3g",
+                    name, damp * factor, damp * factor * 10)
+    raise CompressError(f"layer '{name}': the calibration Hessian is not positive definite even with dampening "
+                        f"{damp * DAMP_ESCALATION[-1]:.3g} × its mean diagonal. Use more calibration samples or "
+                        f"raise compress.damp.")
+
+
+def reconstruction_terms(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """(‖(W1 − W0) X‖², ‖W0 X‖²) over the calibration inputs behind H."""
+    D = (W1 - W0).float()
+    return ((D @ H) * D).sum().item(), ((W0.float() @ H) * W0.float()).sum().item()
+
+
+def reconstruction_error(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> float:
+    """‖(W1 − W0) X‖² / ‖W0 X‖² over the calibration inputs behind H."""
+    num, den = reconstruction_terms(W0, W1, H)
+    return num / den if den > 0 else 0.0
+
+
+# ---------------------------------------------------------------- grid rounding with fixed scales
+@dataclass
+class GroupScales:
+    """fp16 scales (and Q4_1 mins) of every 32-column block, decided before its columns are rounded."""
+    grid: str
+    scales: torch.Tensor  # [rows, cols/32] fp16
+    mins: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, grid: str, rows: int, cols: int, device) -> "GroupScales":
+        z = torch.zeros(rows, cols // BLOCK, dtype=torch.float16, device=device)
+        return cls(grid, z, z.clone() if GRIDS[grid].has_min else None)
+
+    def set_from(self, group: int, w: torch.Tensor) -> None:
+        """ggml's own choice of scale (and min) for the current values of one 32-column block."""
+        qc = quantize(w, self.grid)
+        self.scales[:, group] = qc.scales[:, 0]
+        if self.mins is not None:
+            self.mins[:, group] = qc.mins[:, 0]
+
+    def round(self, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and dequantized values of column `w` in block `group` (what llama.cpp will compute)."""
+        g = GRIDS[self.grid]
+        d = self.scales[:, group].float()
+        m = self.mins[:, group].float() if self.mins is not None else 0.0
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        x = (w - m) * inv
+        q = torch.clamp(_round_away(x), g.qmin, g.qmax)
+        return q, q * d + m
+
+
+# ---------------------------------------------------------------- the sweep
+def _pruned_errors(Wt: torch.Tensor, U: torch.Tensor, mask_t: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Scaled errors Eᵀ [b, rows] of pruning `mask_t` in a transposed sub-block Wᵀ [b, rows] given U [b, b]
+    (upper): for a pruned column i, Σ_{k≤i} U_ki E_k = W_i; E_i = 0 otherwise. Leaves Wᵀ unchanged.
+
+    batched: one lower-triangular solve per row in a single batched call (one kernel on a GPU). Else
+    forward substitution over the b columns, each step vectorised over rows: on CPU the batched solve
+    is a LAPACK call per row, thousands per sub-block, and was slower than the published column loop."""
+    m = mask_t.to(Wt.dtype)
+    if batched:
+        mr = m.T
+        A = U.T.expand(Wt.shape[1], -1, -1) * mr.unsqueeze(-1)
+        A.diagonal(dim1=-2, dim2=-1).add_(1.0 - mr)
+        return torch.linalg.solve_triangular(A, (Wt.T * mr).unsqueeze(-1), upper=False).squeeze(-1).T
+    R = Wt.clone()
+    E = torch.empty_like(Wt)
+    for c in range(Wt.shape[0]):
+        torch.mul(R[c], m[c], out=E[c]).div_(U[c, c])
+        R[c + 1:].addr_(U[c, c + 1:], E[c], alpha=-1.0)
+    return E
+
+
+def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """Exactly floor(sparsity · size) lowest-saliency weights of each segment's slice of the block."""
+    score = W1.pow(2) / d.pow(2).unsqueeze(0)
+    mask = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
+    for r0, r1 in segments:
+        s = score[r0:r1].reshape(-1)
+        k = int(s.numel() * sparsity)
+        if k:
+            idx = torch.topk(s, k, largest=False, sorted=False).indices
+            mask[r0:r1].view(-1)[idx] = True
+    return mask
+
+
+def _nm_mask(W: torch.Tensor, d: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """n lowest-saliency weights of every group of m consecutive columns (W has a multiple of m columns)."""
+    rows, b = W.shape
+    score = (W.pow(2) / d.pow(2).unsqueeze(0)).reshape(rows, b // m, m)
+    idx = torch.topk(score, n, dim=-1, largest=False).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, b)
+
+
+@torch.no_grad()
+def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, grid: str | None = None,
+          segments: list[tuple[int, int]] | None = None, perm: torch.Tensor | None = None,
+          static_scales: GroupScales | None = None, blocksize: int = 128,
+          batched_solve: bool | None = None) -> SweepResult:
+    """Compress W [rows, cols] (columns already in processing order `perm`, if any) against U.
+
+    `segments` are the row ranges of the linears stacked in W (they share one Hessian but get their own
+    unstructured masks). With `perm` (act-order), `static_scales` must hold the scales of the original
+    32-column blocks; without it, each block's scale is chosen when the sweep reaches the block.
+    Returns the weight and codes in the original column order. `batched_solve` (default: on GPUs only)
+    picks how pruned sub-blocks are solved; both give the same result.
+
+    Internally the sweep works on Wᵀ, so that each column it visits is one contiguous row.
+    """
+    rows, cols = W.shape
+    if batched_solve is None:
+        batched_solve = W.device.type != "cpu"
+    Wt = W.T.float().contiguous()  # [cols, rows]
+    segments = segments or [(0, rows)]
+    pruning = pruning if pruning and (pruning.sparsity > 0 or pruning.structured_nm) else None
+    if blocksize % SUB or blocksize % BLOCK:
+        raise CompressError(f"blocksize {blocksize} must be a multiple of {max(SUB, BLOCK)}.")
+    scales = codes_t = None
+    if grid is not None:
+        if perm is not None and static_scales is None:
+            raise CompressError("act-order quantization needs static scales of the original 32-column blocks.")
+        codes_t = torch.zeros(cols, rows, dtype=torch.int8, device=W.device)
+        scales = static_scales if static_scales is not None else GroupScales.empty(grid, rows, cols, W.device)
+    group_of = (perm // BLOCK if perm is not None else torch.arange(cols, device=W.device) // BLOCK).tolist()
+    mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=W.device) if pruning else None
+    # An N:M sub-block is one group, so each group's mask sees the updates of all groups before it.
+    sub = pruning.m if pruning and pruning.structured_nm else SUB
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        mask1 = None
+        if pruning and not pruning.structured_nm:
+            mask1 = _unstructured_mask(W1.T, torch.diag(U1), pruning.sparsity, segments).T
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            Wj, Uj = W1[j1:j2], U1[j1:j2, j1:j2]
+            if pruning and pruning.structured_nm:
+                mj = _nm_mask(Wj.T, torch.diag(Uj), pruning.n, pruning.m).T
+            else:
+                mj = mask1[j1:j2] if mask1 is not None else None
+            if grid is None:
+                Ej = _pruned_errors(Wj, Uj, mj, batched_solve)
+                Wj.sub_(torch.triu(Uj, 1).T @ Ej)  # updates inside the sub-block; pruned entries zeroed below
+                Wj.masked_fill_(mj, 0.0)
+            else:
+                Ej = torch.empty_like(Wj)
+                for c in range(j2 - j1):
+                    col = i1 + j1 + c
+                    w = Wj[c]
+                    if static_scales is None and col % BLOCK == 0:
+                        blk = Wt[col:col + BLOCK]  # current values: every earlier column's update is in
+                        if mask1 is not None:
+                            blk = blk.masked_fill(mask1[col - i1:col - i1 + BLOCK], 0.0)
+                        scales.set_from(col // BLOCK, blk.T)
+                    target = w.masked_fill(mj[c], 0.0) if mj is not None else w
+                    q, v = scales.round(target, group_of[col])
+                    if mj is not None:
+                        q = q.masked_fill(mj[c], 0.0)
+                        v = v.masked_fill(mj[c], 0.0)
+                    codes_t[col] = q.to(torch.int8)
+                    err = (w - v) / Uj[c, c]
+                    Wj[c:].addr_(Uj[c, c:], err, alpha=-1.0)
+                    Wj[c] = v
+                    Ej[c] = err
+            if mj is not None:
+                mask_t[i1 + j1:i1 + j2] = mj
+            E1[j1:j2] = Ej
+            if j2 < i2 - i1:
+                W1[j2:].sub_(U1[j1:j2, j2:].T @ Ej)
+        if i2 < cols:
+            Wt[i2:].sub_(U[i1:i2, i2:].T @ E1)
+
+    W = Wt.T
+    mask = mask_t.T if mask_t is not None else None
+    codes = codes_t.T if codes_t is not None else None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W = W[:, inv]
+        mask = mask[:, inv] if mask is not None else None
+        codes = codes[:, inv] if codes is not None else None
+    qc = None
+    if grid is not None:
+        qc = QuantCodes(grid, codes.contiguous().cpu(), scales.scales.cpu(),
+                        None if scales.mins is None else scales.mins.cpu())
+    return SweepResult(W.contiguous(), qc, None if mask is None else mask.contiguous())
+
+
+@contextlib.contextmanager
+def sweep_threads(device: torch.device, threads: int = 1) -> Iterator[None]:
+    """On CPU, one thread: the sweep's many small ops and LAPACK's factorisations of a few-hundred-column
+    Hessian ran 10-100× slower on a 2-thread pool shared with other work (cholesky_inverse of 576² took
+    1.5 s vs 11 ms) and gain nothing from it when the pool is free."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compress_weight(W: torch.Tensor, H: torch.Tensor, name: str, *, pruning: Pruning | None = None,
+                    grid: str | None = None, act_order: bool = False, damp: float = 0.01,
+                    segments: list[tuple[int, int]] | None = None, blocksize: int = 128) -> tuple[SweepResult, float]:
+    """SparseGPT / GPTQ / both on one (stacked) weight. Returns the result and its relative reconstruction error."""
+    rows, cols = W.shape
+    _check_args(name, cols, pruning, grid)
+    if grid is None and pruning is None:
+        raise CompressError(f"layer '{name}': nothing to do; give a sparsity pattern, a grid, or both.")
+    with sweep_threads(W.device):
+        return _compress_weight(W, H, name, pruning, grid, act_order, damp, segments, blocksize)
+
+
+def _compress_weight(W, H, name, pruning, grid, act_order, damp, segments, blocksize):
+    rows, cols = W.shape
+    U, dead = inverse_cholesky(H, damp, name)
+    W0 = W.float()
+    W = W0.clone()
+    W[:, dead] = 0.0
+    perm = static = None
+    # Act-order only reorders pure quantization: masks (N:M groups, outer blocks) live in the original order.
+    if act_order and grid is not None and pruning is None:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        if grid is not None:
+            static = GroupScales.empty(grid, rows, cols, W.device)
+            for g in range(cols // BLOCK):
+                static.set_from(g, W[:, g * BLOCK:(g + 1) * BLOCK])
+        W = W[:, perm]
+        Hp = H[perm][:, perm]
+        U, _ = inverse_cholesky(Hp, damp, name)
+    res = sweep(W, U, pruning=pruning, grid=grid, segments=segments, perm=perm, static_scales=static,
+                blocksize=blocksize)
+    terms = [reconstruction_terms(W0[r0:r1], res.weight[r0:r1], H) for r0, r1 in (segments or [(0, rows)])]
+    res.segment_errors = [n / d if d > 0 else 0.0 for n, d in terms]
+    den = sum(d for _, d in terms)
+    return res, (sum(n for n, _ in terms) / den if den > 0 else 0.0)
+
+
+def _check_args(name: str, cols: int, pruning: Pruning | None, grid: str | None) -> None:
+    if pruning is not None:
+        if pruning.structured_nm:
+            if not (0 < pruning.n < pruning.m) or SUB % pruning.m:
+                raise CompressError(f"layer '{name}': N:M pattern {pruning.n}:{pruning.m} is not supported; use "
+                                    f"N < M with M dividing {SUB} (2:4, 4:8, 1:2 ...).")
+            if cols % pruning.m:
+                raise CompressError(f"layer '{name}': N:M pattern {pruning.n}:{pruning.m} needs the input "
+                                    f"dimension ({cols}) to be a multiple of {pruning.m}.")
+        elif not 0.0 < pruning.sparsity < 1.0:
+            raise CompressError(f"layer '{name}': sparsity {pruning.sparsity} must lie in (0, 1).")
+    if grid is not None:
+        if grid not in GRIDS:
+            raise CompressError(f"layer '{name}': unknown grid '{grid}'; expected one of {sorted(GRIDS)}.")
+        if cols % BLOCK:
+            raise CompressError(f"layer '{name}': input dimension {cols} is not a multiple of {BLOCK}; the "
+                                f"{grid} grid quantizes blocks of {BLOCK} along it.")
+        if pruning is not None and GRIDS[grid].has_min:
+            raise CompressError(f"layer '{name}': joint sparsity + quantization needs a grid that holds an exact "
+                                f"zero (q8_0, q4_0); {grid} stores an offset min.")
+
+
+@torch.no_grad()
+def remove_column_groups(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, remove: int, name: str,
+                         damp: float = 0.01) -> tuple[list[int], torch.Tensor, float]:
+    """Structured OBS: drop `remove` of the equal-sized column groups `groups` [G, s] of W, compensating on the
+    others. Greedy in a few rounds: each round removes the groups whose joint removal error
+    tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ) is smallest, then applies the exact joint update to W and H⁻¹.
+    Returns the kept group indices (sorted), W with every column kept (removed ones zeroed), and the
+    relative reconstruction error."""
+    G = groups.shape[0]
+    if not 0 <= remove < G:
+        raise CompressError(f"layer '{name}': cannot remove {remove} of {G} groups; at least one must stay.")
+    Hinv, dead = damped_inverse(H, damp, name)
+    W0 = W.float()
+    W = W0.clone()
+    W[:, dead] = 0.0
+    alive = torch.ones(G, dtype=torch.bool)
+    rounds = min(remove, 16)
+    removed = 0
+    for r in range(rounds):
+        take = (remove * (r + 1)) // rounds - removed
+        if take == 0:
+            continue
+        idx = groups[alive]                                   # [A, s]
+        Hss = Hinv[idx.unsqueeze(-1), idx.unsqueeze(-2)]      # [A, s, s]
+        Ws = W[:, idx].permute(1, 2, 0)                       # [A, s, rows]
+        err = (Ws * torch.linalg.solve(Hss, Ws)).sum(dim=(1, 2))
+        pick = torch.nonzero(alive).squeeze(1)[torch.topk(err, take, largest=False).indices]
+        S = groups[pick].reshape(-1)
+        A = torch.linalg.inv(Hinv[S][:, S])
+        W -= W[:, S] @ A @ Hinv[S, :]
+        Hinv -= Hinv[:, S] @ A @ Hinv[S, :]
+        W[:, S] = 0.0
+        alive[pick] = False
+        removed += take
+    kept = torch.nonzero(alive).squeeze(1).tolist()
+    return kept, W, reconstruction_error(W0, W, H)

@@ -1,0 +1,297 @@
+"""compress/: the OBS engine (SparseGPT, GPTQ on GGUF grids, joint), layer-wise calibration, bad input."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from edgedistill.compress.grids import BLOCK, dequantize, quantize
+from edgedistill.compress.methods import ObsConfig, obs_compress
+from edgedistill.compress.obs import Pruning, compress_weight, inverse_cholesky, reconstruction_error
+from edgedistill.errors import CompressError
+
+
+def correlated_problem(rows=96, cols=256, n=1024, seed=0):
+    """A weight and the Hessian of strongly correlated inputs (where OBS compensation matters)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.2 + torch.randn(n, cols, generator=g)
+    X[:, 5] = 0.0  # one dead input
+    return torch.randn(rows, cols, generator=g), 2 * X.T @ X / n
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_tokenizer) -> list[list[int]]:
+    from edgedistill.data.text import load_corpus
+    from edgedistill.data.tokens import token_stream, windows
+    corpus = load_corpus("stdlib", max_chars=60_000, heldout_fraction=0.1, seed=3)
+    return windows(token_stream(tiny_tokenizer, corpus.train, 8 * 64), 64, 8)
+
+
+def _tiny(model_dir):
+    from edgedistill.models import load_causal_lm
+    return load_causal_lm(str(model_dir))
+
+
+def _block_linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
+# ---------------------------------------------------------------- masks
+def test_unstructured_mask_is_exact_per_linear_and_block():
+    W, H = correlated_problem(rows=96, cols=320)
+    segments = [(0, 64), (64, 96)]  # two linears stacked on one Hessian keep their own masks
+    res, err = compress_weight(W, H, "x", pruning=Pruning(sparsity=0.5), segments=segments)
+    for r0, r1 in segments:
+        for c0 in range(0, 320, 128):
+            blk = res.mask[r0:r1, c0:c0 + 128]
+            assert int(blk.sum()) == blk.numel() // 2
+    assert torch.equal(res.mask, res.weight == 0) or (res.weight[res.mask] == 0).all()
+    assert 0 < err < 0.5
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_nm_mask_every_group(n, m):
+    W, H = correlated_problem(cols=256)
+    res, _ = compress_weight(W, H, "x", pruning=Pruning(n=n, m=m))
+    groups = res.mask.reshape(W.shape[0], -1, m).sum(-1)
+    assert (groups == n).all()
+    assert (res.weight[res.mask] == 0).all()
+
+
+def test_sparsegpt_beats_magnitude_pruning():
+    W, H = correlated_problem()
+    res, err = compress_weight(W, H, "x", pruning=Pruning(sparsity=0.5))
+    thresh = W.abs().flatten().kthvalue(W.numel() // 2).values
+    magnitude = torch.where(W.abs() <= thresh, 0.0, W)
+    assert err < 0.8 * reconstruction_error(W, magnitude, H)
+
+
+# ---------------------------------------------------------------- GPTQ
+@pytest.mark.parametrize("grid", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_error_not_above_rtn(grid, act_order):
+    W, H = correlated_problem(cols=256)
+    W[:, 5] = 0.0  # a dead input's weights are dropped by GPTQ; keep RTN comparable
+    res, err = compress_weight(W, H, "x", grid=grid, act_order=act_order)
+    rtn = reconstruction_error(W, dequantize(quantize(W, grid)), H)
+    assert err <= rtn, (err, rtn)
+    assert torch.equal(dequantize(res.codes), res.weight)  # the weight is exactly what the codes decode to
+
+
+def test_joint_sparsity_and_quantization():
+    W, H = correlated_problem(cols=256)
+    res, err = compress_weight(W, H, "x", grid="q4_0", pruning=Pruning(n=2, m=4))
+    assert (res.mask.reshape(W.shape[0], -1, 4).sum(-1) == 2).all()
+    assert torch.equal(dequantize(res.codes), res.weight)
+    assert (res.codes.codes[res.mask] == 0).all() and (res.weight[res.mask] == 0).all()
+
+
+# ---------------------------------------------------------------- numerics
+@pytest.mark.parametrize("d", [48, 600, 1100])
+def test_hessian_accumulator_matches_2xxt(d):
+    from edgedistill.compress.obs import HessianAccumulator
+    x = torch.randn(3, 200, d, dtype=torch.float64)
+    acc = HessianAccumulator(d, "cpu")
+    acc.add(x[0].to(torch.bfloat16))
+    acc.add(x[1:].to(torch.bfloat16))
+    xb = x.to(torch.bfloat16).double().reshape(-1, d)
+    ref = 2 * xb.T @ xb / 600
+    assert acc.H.dtype == torch.float32 and acc.tokens == 600
+    assert torch.allclose(acc.H.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    assert torch.allclose(acc.H, acc.H.T, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
+def test_dead_inputs_and_damp_escalation(caplog):
+    H = torch.eye(64)
+    H[3, 3] = 0.0                  # dead input: handled, not an error
+    H[10, 10] = -0.05              # indefinite until dampening reaches 0.1 × mean diagonal
+    with caplog.at_level(logging.WARNING, logger="edgedistill.compress"):
+        U, dead = inverse_cholesky(H, 0.01, "layers.7.mlp.down_proj")
+    assert dead.tolist().count(True) == 1 and bool(dead[3])
+    assert torch.isfinite(U).all()
+    assert any("layers.7.mlp.down_proj" in r.message and "Cholesky failed" in r.message for r in caplog.records)
+
+
+def test_cholesky_failure_names_the_layer():
+    with pytest.raises(CompressError, match="layers.3.self_attn.q_proj.*not positive definite"):
+        inverse_cholesky(-torch.eye(16), 0.01, "layers.3.self_attn.q_proj")
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    ({"pruning": Pruning(sparsity=1.5)}, r"layer 'L'.*sparsity 1.5 must lie in \(0, 1\)"),
+    ({"pruning": Pruning(sparsity=0.0 + 1e-9 - 1e-9 - 0.1)}, r"sparsity .* must lie in \(0, 1\)"),
+    ({"pruning": Pruning(n=3, m=2)}, r"layer 'L'.*N:M pattern 3:2"),
+    ({"grid": "q3_k"}, r"layer 'L'.*unknown grid 'q3_k'"),
+    ({"grid": "q4_1", "pruning": Pruning(sparsity=0.5)}, r"layer 'L'.*exact zero"),
+    ({}, r"layer 'L'.*nothing to do"),
+])
+def test_bad_arguments_name_the_layer(kwargs, match):
+    W, H = correlated_problem(rows=8, cols=64)
+    with pytest.raises(CompressError, match=match):
+        compress_weight(W, H, "L", **kwargs)
+
+
+def test_nm_must_divide_columns():
+    W, H = torch.randn(8, 30), torch.eye(30)
+    with pytest.raises(CompressError, match=r"layer 'L'.*multiple of 4"):
+        compress_weight(W, H, "L", pruning=Pruning(n=2, m=4))
+
+
+def test_model_without_block_list():
+    with pytest.raises(CompressError, match="no block list"):
+        obs_compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), [[1, 2]], ObsConfig(sparsity=0.5))
+
+
+def test_unsupported_module_is_named(calib):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1024, n_positions=128)).eval()
+    with pytest.raises(CompressError, match=r"layer 'layers.0.attn.c_attn' is a Conv1D"):
+        obs_compress(model, calib[:2], ObsConfig(sparsity=0.5))
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (ObsConfig(sparsity=1.0), r"compress.sparsity = 1.0"),
+    (ObsConfig(pattern="4:2"), r"compress.pattern = '4:2'"),
+    (ObsConfig(grid="q5_0"), r"compress.grid = 'q5_0'"),
+])
+def test_bad_config_names_the_field(tiny_model_dir, calib, cfg, match):
+    with pytest.raises(CompressError, match=match):
+        obs_compress(_tiny(tiny_model_dir), calib, cfg)
+
+
+# ---------------------------------------------------------------- whole model, layer-wise
+def test_sparsegpt_whole_model_masks_and_quality(tiny_model_dir, calib):
+    model = _tiny(tiny_model_dir)
+    codes, metrics = obs_compress(model, calib, ObsConfig(pattern="2:4", batch_size=4))
+    assert codes == {}
+    linears = _block_linears(model)
+    assert len(metrics["layers"]) == len(linears) == 4 * 7
+    for name, mod in linears.items():
+        zero = (mod.weight == 0).reshape(mod.out_features, -1, 4).sum(-1)
+        assert (zero >= 2).all(), name  # every group of 4 has (at least; exact zeros may add) 2 zeros
+        assert metrics["layers"][name.removeprefix("model.")]["rel_error"] < 1.0
+    assert metrics["block_linear_sparsity"] >= 0.5
+
+
+@pytest.mark.parametrize("grid", ["q8_0", "q4_0", "q4_1"])
+def test_gptq_codes_round_trip_into_gguf(tmp_path, tiny_model_dir, tiny_tokenizer, calib, grid):
+    gguf = pytest.importorskip("gguf")
+    from edgedistill.export.gguf import permute_rows, write_gguf
+
+    model = _tiny(tiny_model_dir)
+    codes, metrics = obs_compress(model, calib, ObsConfig(grid=grid, batch_size=4))
+    assert len(codes) == 4 * 7 and all(c.grid == grid for c in codes.values())
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    write_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype=grid, codes=codes)
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    heads = {"attn_q": model.config.num_attention_heads, "attn_k": model.config.num_key_value_heads}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for hf_name, qc in codes.items():
+        _, _, i, *rest = hf_name.split(".")
+        short = names[".".join(rest[:-1])]
+        t = tensors[f"blk.{i}.{short}.weight"]
+        assert t.tensor_type.name == grid.upper()
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(qc.codes.shape)
+        want = dequantize(qc).numpy()
+        if short in heads:
+            want = permute_rows(want, heads[short])
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), hf_name
+        weight = dict(model.named_parameters())[hf_name].detach().numpy()
+        assert np.array_equal(dequantize(qc).numpy(), weight)  # torch evaluates exactly what the file holds
+    assert metrics["max_rel_error"] < 0.2
+    assert BLOCK == 32
+
+
+# ---------------------------------------------------------------- structured
+def test_structured_pruning_gives_a_smaller_model_that_exports(tmp_path, tiny_model_dir, tiny_tokenizer, calib):
+    pytest.importorskip("llama_cpp")
+    from edgedistill.compress.structured import structured_prune
+    from edgedistill.export.gguf import write_gguf
+    from edgedistill.export.llamacpp import LlamaCppModel
+    from edgedistill.models import load_causal_lm
+
+    model = _tiny(tiny_model_dir)
+    before = sum(p.numel() for p in model.parameters())
+    model, metrics = structured_prune(model, calib, ffn_sparsity=0.5, heads_sparsity=0.5, batch_size=4)
+    model.save_pretrained(tmp_path / "s")
+    tiny_tokenizer.save_pretrained(tmp_path / "s")
+    small = load_causal_lm(str(tmp_path / "s"))
+    cfg = small.config
+    assert (cfg.intermediate_size, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim) == (64, 1, 2, 16)
+    assert sum(p.numel() for p in small.parameters()) == metrics["params_after"] < before
+    assert all(m["rel_error"] < 1.0 for m in metrics["layers"].values())
+    ids = calib[0]
+    with torch.no_grad():
+        ref = small(torch.tensor([ids])).logits[0].numpy()
+        pruned_in_memory = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.allclose(ref, pruned_in_memory, atol=1e-4)
+    write_gguf(tmp_path / "s", tmp_path / "s.gguf", dtype="f32")
+    with LlamaCppModel(tmp_path / "s.gguf", n_ctx=128, kv_type="f32") as lm:
+        got = lm.logits(ids)
+    assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.99
+
+
+def test_structured_beats_dropping_without_compensation(tiny_model_dir, calib):
+    """The OBS update must help: same neurons removed, compensated vs. just cut."""
+    from edgedistill.compress.obs import remove_column_groups
+    W, H = correlated_problem(rows=64, cols=128)
+    kept, Wc, err = remove_column_groups(W, H, torch.arange(128).unsqueeze(1), 64, "L")
+    cut = W.clone()
+    cut[:, [j for j in range(128) if j not in kept]] = 0.0
+    cut[:, 5] = 0.0
+    assert len(kept) == 64 and err < reconstruction_error(W, cut, H)
+
+
+# ---------------------------------------------------------------- recipe and CLI
+def test_recipe_rejects_bad_compress_fields():
+    from edgedistill.errors import RecipeError
+    from edgedistill.recipe import parse_recipe
+    with pytest.raises(RecipeError, match="compress.sparsity"):
+        parse_recipe({"compress": {"method": "sparsegpt", "sparsity": 1.5}})
+    with pytest.raises(RecipeError, match="compress.pattern"):
+        parse_recipe({"compress": {"method": "sparsegpt", "pattern": "half"}})
+    with pytest.raises(RecipeError, match="compress.method"):
+        parse_recipe({"compress": {"method": "awq"}})
+    with pytest.raises(RecipeError, match="compress.grid is q4_0 but export.gguf"):
+        parse_recipe({"compress": {"method": "gptq"}})
+    with pytest.raises(RecipeError, match="exact zero|q4_1"):
+        parse_recipe({"compress": {"method": "sparsegpt", "grid": "q4_1"}, "export": {"gguf": ["q4_1"]}})
+    assert parse_recipe({"compress": {"method": "gptq"}, "export": {"gguf": ["q4_0"]}}).compress.grid == "q4_0"
+    assert parse_recipe({}).compress.method == "q8_0"
+
+
+def test_cli_compress_structured(tmp_path, tiny_model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgedistill.cli import app
+    res = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "structured", "--sparsity", "0.5",
+                                   "--calib-windows", "4", "--calib-seq-len", "64", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "c" / "compress_metrics.json").read_text())
+    assert metrics["params"] < metrics["params_before"] and metrics["ffn_kept"] == 64
+    assert metrics["ppl_after"] > 1.0 and metrics["ppl_before"] > 1.0
+    assert (tmp_path / "c" / "model" / "config.json").is_file()
+    bad = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "4:2",
+                                   "--calib-windows", "2", "--calib-seq-len", "64", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 2 and "4:2" in bad.output
+
+
+def test_batched_and_looped_pruning_solves_agree():
+    """The GPU path (one batched triangular solve per sub-block) equals the CPU path (forward substitution)."""
+    from edgedistill.compress.obs import inverse_cholesky, sweep
+    W, H = correlated_problem(rows=64, cols=192)
+    U, _ = inverse_cholesky(H, 0.01, "x")
+    for pruning in (Pruning(sparsity=0.5), Pruning(n=2, m=4)):
+        a = sweep(W, U, pruning=pruning, batched_solve=True)
+        b = sweep(W, U, pruning=pruning, batched_solve=False)
+        assert torch.equal(a.mask, b.mask)
+        assert torch.allclose(a.weight, b.weight, atol=1e-4 * W.abs().max().item())
