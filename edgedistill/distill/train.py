@@ -26,6 +26,7 @@ from .losses import DenseTeacher, LossSpec, TopKTeacher, kd_loss
 from .teacher import CachedTeacherBatches, generate_completions
 
 CHECKPOINT = "checkpoint.pt"
+QAT_DIR = "qat"  # holds the grid codes of a quantize-aware student
 
 
 @dataclass
@@ -122,6 +123,7 @@ def evaluate_kd(teacher, student, batches: list[Batch], grid: str | None = None)
 
 
 def save_checkpoint(path: Path, student, opt, step: int, rng_state) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state}, tmp)
     os.replace(tmp, path)
@@ -250,8 +252,10 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
         if cfg.quantize_aware:
             from ..compress.rtn import CODES_FILE, save_codes
             codes = qat.export_codes(student, cfg.quantize_aware)
-            save_codes(codes, Path(out_dir) / CODES_FILE)
-            metrics["quantize_aware"] = {"grid": cfg.quantize_aware, "codes_file": CODES_FILE, "tensors": len(codes)}
+            (Path(out_dir) / QAT_DIR).mkdir(exist_ok=True)  # beside, not among, the checkpoint's safetensors
+            save_codes(codes, Path(out_dir) / QAT_DIR / CODES_FILE)
+            metrics["quantize_aware"] = {"grid": cfg.quantize_aware, "codes_file": f"{QAT_DIR}/{CODES_FILE}",
+                                         "tensors": len(codes)}
         student.save_pretrained(out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
