@@ -88,3 +88,21 @@ def test_top_k_teacher_with_full_k_equals_the_dense_teacher():
     lp8, ix8 = t_logp.topk(8, dim=-1)
     approx = kd_loss(hs, ws, TopKTeacher(lp8, ix8), LossSpec("reverse_kl"))
     assert torch.isfinite(approx)
+
+
+def test_under_bf16_autocast_matmuls_run_in_bf16_and_softmax_in_fp32():
+    torch.manual_seed(0)
+    hs = torch.randn(40, 64, requires_grad=True)
+    ht, wt = torch.randn(40, 64), torch.randn(300, 64) * 0.1
+    ws = (torch.randn(300, 64) * 0.1).requires_grad_()
+    spec = LossSpec("jsd", beta=0.5, chunk_tokens=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kd_loss(hs, ws, DenseTeacher(ht, wt), spec)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hs.grad.dtype == torch.float32 and ws.grad.dtype == torch.float32
+    b = lambda x: x.bfloat16().float()  # noqa: E731
+    ref = dense_reference(b(hs.detach()) @ b(ws.detach()).t(), b(ht) @ b(wt).t(), spec)
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=1e-4)
+    hs2, ws2 = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
+    dense_reference(hs2 @ ws2.t(), ht @ wt.t(), spec).backward()
+    torch.testing.assert_close(hs.grad, hs2.grad, rtol=5e-2, atol=5e-4)

@@ -84,6 +84,11 @@ def _teacher_logits(teacher, rows: slice, vocab: int, acc: torch.dtype) -> torch
     return out.scatter_(-1, idx, lp)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ a·b without a temporary of a's size."""
+    return torch.linalg.vecdot(a, b).sum()
+
+
 def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None,
                          spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss of a chunk and its gradient w.r.t. the student logits z (both fp32)."""
@@ -91,27 +96,29 @@ def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.
     kind = spec.kind
     if kind == "jsd" and spec.beta in (0.0, 1.0):  # the mixture's limits, where one log would be −inf
         kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
-    ls = F.log_softmax(z / T, dim=-1)
-    lt = F.log_softmax(t_logits / T, dim=-1)
+    ls = F.log_softmax(z if T == 1.0 else z / T, dim=-1)
+    lt = F.log_softmax(t_logits if T == 1.0 else t_logits.div_(T), dim=-1)
     del t_logits
     if kind == "forward_kl":
         pt = lt.exp()
-        loss = (pt * (lt - ls)).sum()
+        loss = _dot(pt, lt.sub_(ls))
         grad = ls.exp_().sub_(pt)                      # d/d(z/T) KL(p‖q) = q − p
+        del pt
     else:
         qs = ls.exp()
         if kind == "reverse_kl":
-            g = ls - lt                                # d KL(q‖p) / dq, up to a constant
-            loss = (qs * g).sum()
+            g = ls.sub_(lt)                            # d KL(q‖p) / dq, up to a constant
+            loss = _dot(qs, g)
         else:
             b = spec.beta
             lm = torch.logaddexp(ls + math.log(1 - b), lt + math.log(b))
             pt = lt.exp()
-            loss = b * (pt * (lt - lm)).sum() + (1 - b) * (qs * (ls - lm)).sum()
-            g = (1 - b) * (ls - lm)                    # dJSD/dq; the p-terms cancel through m
+            loss = b * _dot(pt, lt - lm) + (1 - b) * _dot(qs, ls - lm)
+            g = ls.sub_(lm).mul_(1 - b)                # dJSD/dq; the p-terms cancel through m
             del pt, lm
         # Softmax Jacobian: dL/d(z/T) = q ⊙ (g − ⟨q, g⟩).
-        grad = qs * (g - (qs * g).sum(-1, keepdim=True))
+        rowdot = torch.linalg.vecdot(qs, g).unsqueeze(-1)
+        grad = qs.mul_(g.sub_(rowdot))
         del g, qs
     del ls, lt
     scale = (1.0 - spec.ce_weight) * T  # T² · (1/T) from the chain rule through z/T
@@ -134,33 +141,46 @@ class _ChunkedKD(torch.autograd.Function):
     """Loss over selected tokens; gradients computed chunk by chunk during forward."""
 
     @staticmethod
-    def forward(ctx, hs, weight, bias, teacher, labels, spec: LossSpec, normalizer: float):
+    def forward(ctx, hs, weight, bias, teacher, labels, spec: LossSpec, normalizer: float, cd: torch.dtype):
         n, vocab = hs.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
+        acc = _acc(cd)
         grad_h = torch.empty_like(hs) if need_h else None
-        acc = _acc(hs.dtype)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=hs.device)
+        # Matmuls in the compute dtype `cd` (bf16 under autocast), softmax arithmetic in `acc` (fp32).
+        w = weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        if isinstance(teacher, DenseTeacher):
+            teacher = DenseTeacher(teacher.hidden.to(cd), teacher.weight.to(cd),
+                                   None if teacher.bias is None else teacher.bias.to(cd))
         step = spec.chunk_tokens
-        for s in range(0, n, step):
-            rows = slice(s, min(s + step, n))
-            h = hs[rows]
-            z = F.linear(h, weight, bias).to(acc)
-            loss, grad = _chunk_loss_and_grad(z, _teacher_logits(teacher, rows, vocab, acc),
-                                              None if labels is None else labels[rows], spec)
-            del z
-            total += loss
-            g = grad.to(hs.dtype)
-            del grad
-            if need_h:
-                grad_h[rows] = g @ weight.to(hs.dtype)
-            if need_w:
-                grad_w.add_(g.t() @ h)  # in the compute dtype, accumulated in fp32
-            if need_b:
-                grad_b.add_(g.sum(0))
-            del g
+        with torch.autocast(hs.device.type, enabled=False):
+            for s in range(0, n, step):
+                rows = slice(s, min(s + step, n))
+                h = hs[rows].to(cd)
+                z = F.linear(h, w, b).to(acc)
+                loss, grad = _chunk_loss_and_grad(z, _teacher_logits(teacher, rows, vocab, acc),
+                                                  None if labels is None else labels[rows], spec)
+                del z
+                total += loss
+                g = grad.to(cd)
+                del grad
+                if need_h:
+                    if grad_h.dtype == cd:
+                        torch.mm(g, w, out=grad_h[rows])
+                    else:
+                        grad_h[rows] = g @ w
+                if need_w:
+                    if cd == acc:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w.add_(g.t() @ h)  # bf16 matmul, accumulated over chunks in fp32
+                if need_b:
+                    grad_b.add_(g.sum(0))
+                del g
         inv = 1.0 / normalizer
         ctx.save_for_backward(*(t.mul_(inv) if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.has = (need_h, need_w, need_b)
@@ -172,7 +192,7 @@ class _ChunkedKD(torch.autograd.Function):
         gh, gw, gb = ctx.saved_tensors
         need_h, need_w, need_b = ctx.has
         return (gh * go if need_h else None, (gw * go).to(ctx.w_dtype) if need_w else None,
-                (gb * go).to(ctx.w_dtype) if need_b else None, None, None, None, None)
+                (gb * go).to(ctx.w_dtype) if need_b else None, None, None, None, None, None)
 
 
 def kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher: DenseTeacher | TopKTeacher,
@@ -200,7 +220,9 @@ def kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher:
         lab = None if lab is None else lab[keep]
     if normalizer is None:
         normalizer = max(hs.shape[0], 1)
-    return _ChunkedKD.apply(hs, student_weight, student_bias, t, lab, spec, float(normalizer))
+    dev = hs.device.type
+    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hs.dtype
+    return _ChunkedKD.apply(hs, student_weight, student_bias, t, lab, spec, float(normalizer), cd)
 
 
 def dense_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec,

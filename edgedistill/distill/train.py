@@ -50,6 +50,7 @@ class KDConfig:
     checkpoint_every: int = 0
     compile: bool = False
     gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; "bf16" also on CPU (fast where it has AMX)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class KDConfig:
             self.loss = LossSpec(temperature=self.temperature)
         if self.quantize_aware:
             qat.check_grid(self.quantize_aware)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DistillError(f"precision '{self.precision}' is unknown; expected auto, fp32 or bf16.")
 
 
 def pick_device() -> torch.device:
@@ -162,7 +165,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     mix_rng = random.Random(cfg.seed)
     start, ckpt = 0, (Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None)
     if ckpt is not None and ckpt.is_file():
@@ -173,11 +177,12 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
         mix_rng.setstate(state["rng"])
         for _ in range(start * cfg.grad_accum):  # replay the data order up to the checkpoint
             data.next_batch()
-    losses, evals, tokens, good_step = [], [], 0, start
+    losses, evals, step_seconds, tokens, good_step = [], [], [], 0, start
     t0 = time.perf_counter()
     label = f"distill ({cfg.loss.kind}{', QAT ' + cfg.quantize_aware if cfg.quantize_aware else ''})"
     with progress_bar(label, total=cfg.steps - start) as bar:
         for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             micro = []
@@ -220,7 +225,7 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
             if world > 1:
                 t = torch.tensor(step_loss, device=device)
                 dist.all_reduce(t)
-                step_loss = t.item()
+                step_loss = t.item() / world  # each rank holds world × its share of the mean
             if not math.isfinite(step_loss):
                 where = f"the last good checkpoint (step {good_step}) is in {ckpt}" if ckpt and ckpt.is_file() else \
                     "no checkpoint was written (set checkpoint_every)"
@@ -229,6 +234,7 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             losses.append(step_loss)
+            step_seconds.append(time.perf_counter() - t_step)
             done = step + 1
             if heldout and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 evals.append({"step": done, **evaluate_kd(teacher, student, heldout, cfg.quantize_aware)})
@@ -240,11 +246,12 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     seconds = time.perf_counter() - t0
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_disable()
-    metrics = {"device": device.type, "world_size": world, "loss": cfg.loss.kind, "steps": cfg.steps,
+    metrics = {"device": device.type, "precision": "bf16" if bf16 else "fp32", "world_size": world, "loss": cfg.loss.kind, "steps": cfg.steps,
                "resumed_from": start, "tokens": tokens * world, "seconds": round(seconds, 2),
                "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "loss_curve": [round(x, 5) for x in losses], "evals": evals}
+               "loss_curve": [round(x, 5) for x in losses], "step_seconds": [round(x, 4) for x in step_seconds],
+               "evals": evals}
     student.eval().to("cpu")
     teacher.to("cpu")
     if rank == 0:
