@@ -68,7 +68,7 @@ class BuildContext:
     @functools.cached_property
     def train_stream(self) -> list[int]:
         r = self.recipe.distill
-        need = (r.steps * r.batch_size + self.recipe.student.calib_windows + 8) * r.seq_len
+        need = (r.steps * r.batch_size * r.grad_accum + self.recipe.student.calib_windows + 8) * r.seq_len
         return token_stream(self.tokenizer, self.corpus.train, max_tokens=need)
 
     @functools.cached_property
@@ -107,29 +107,37 @@ def stage_student_init(ctx: BuildContext) -> Artifact:
 
 
 def stage_distill(ctx: BuildContext) -> Artifact:
-    from .distill.train import KDConfig, distill
+    from .distill.run import run_distill
     from .models import load_causal_lm
     d = ctx.recipe.distill
-    cfg = KDConfig(steps=d.steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
-                   weight_decay=d.weight_decay, temperature=d.temperature, grad_clip=d.grad_clip, seed=d.seed)
     teacher = load_causal_lm(ctx.teacher_dir)
     student = load_causal_lm(str(ctx.path("student_init")))
     dest = ctx.path("student")
+    # Checkpoints and the offline teacher cache live beside the build, keyed by the stage's inputs, so a rerun
+    # of the same recipe resumes and a changed recipe starts over.
+    work = ctx.path("distill_work", sha256_json(stage_inputs(ctx, "distill"))[:16])
+    heldout = ctx.eval_windows if d.eval_every else None
     with atomic_dir(dest) as tmp:
-        metrics = distill(teacher, student, ctx.train_stream, cfg, tmp, tokenizer=ctx.tokenizer)
-    return Artifact([dest], {"loss": d.loss, **metrics})
+        metrics = run_distill(teacher, student, ctx.tokenizer, d, None if d.chat_data else ctx.train_stream, tmp,
+                              work, heldout_windows=heldout)
+    return Artifact([dest], metrics)
 
 
 def stage_compress(ctx: BuildContext) -> Artifact:
-    from .compress.rtn import CODES_FILE, quantize_model, save_codes
+    from .compress.rtn import CODES_FILE, load_codes, quantize_model, save_codes
     from .models import load_causal_lm
     method = ctx.recipe.compress.method
     dest = ctx.path("compressed")
     if method == "none":
         return Artifact([], {"method": "none"})
     model = load_causal_lm(str(ctx.path("student")))
+    qat_codes = ctx.path("student", "qat", CODES_FILE)
     with atomic_dir(dest) as tmp:
-        codes, metrics = quantize_model(model, method)
+        if ctx.recipe.distill.quantize_aware == method and qat_codes.is_file():
+            # The student was trained through this grid: its codes are the export, bit for bit.
+            codes, metrics = load_codes(qat_codes), {"grid": method, "from_quantize_aware_training": True}
+        else:
+            codes, metrics = quantize_model(model, method)
         model.save_pretrained(tmp / "model")
         ctx.tokenizer.save_pretrained(tmp / "model")
         save_codes(codes, tmp / CODES_FILE)

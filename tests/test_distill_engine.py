@@ -219,3 +219,26 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tiny_model_dir, stream,
     assert m["resumed_from"] == 3 and len(m["loss_curve"]) == 3
     for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_cli_distill_with_recipe_fields(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgedistill.cli import app
+    (tmp_path / "text").mkdir()
+    for i, doc in enumerate(load_corpus("stdlib", max_chars=40_000, seed=5).train):
+        (tmp_path / "text" / f"{i}.txt").write_text(doc)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
+    args = ["distill", "--teacher", str(tiny_model_dir), "--data", str(tmp_path / "text"), "--out", str(tmp_path / "s"),
+            "--loss", "jsd", "--beta", "0.5", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+            "--on-policy-fraction", "0.5", "--prompts", str(prompts), "--max-new-tokens", "4",
+            "--quantize-aware", "q4_0", "--eval-every", "3"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):r.output.rindex("}") + 1])
+    assert summary["loss"] == "jsd" and summary["steps"] == 3 and summary["quantize_aware"]["grid"] == "q4_0"
+    assert summary["final_eval"]["heldout_ppl"] > 1
+    assert (tmp_path / "s" / "qat" / CODES_FILE).is_file() and not (tmp_path / "s.work").exists()
+    bad = CliRunner().invoke(app, args[:7] + ["--beta", "2"])
+    assert bad.exit_code == 2 and "--beta" in bad.output and "Traceback" not in bad.output
