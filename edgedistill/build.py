@@ -102,7 +102,8 @@ def stage_student_init(ctx: BuildContext) -> Artifact:
         else:
             calib = windows(ctx.train_stream, ctx.recipe.distill.seq_len, s.calib_windows, what="calibration text")
             teacher = load_causal_lm(ctx.teacher_dir)
-            metrics = {"init": "depth_prune", **make_depth_pruned_student(teacher, ctx.tokenizer, calib, s.keep_ratio, tmp)}
+            metrics = {"init": "depth_prune", **make_depth_pruned_student(teacher, ctx.tokenizer, calib, s.keep_ratio, tmp,
+                                                                            width_ratio=s.width_ratio)}
     return Artifact([dest], metrics)
 
 

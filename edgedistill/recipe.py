@@ -29,6 +29,7 @@ class StudentSpec(Section):
     model: str | None = Field(None, description="student model path/id when init == 'model'")
     keep_ratio: float = Field(0.5, gt=0.0, le=0.5, description="fraction of teacher layers kept by depth pruning (≤ 0.5)")
     calib_windows: int = Field(8, ge=1, le=1024, description="calibration windows used to score layer importance")
+    width_ratio: float = Field(1.0, gt=0.0, le=1.0, description="depth_prune then keep this share of FFN neurons and KV groups (1: no width pruning)")
 
     @model_validator(mode="after")
     def _model_needed(self) -> "StudentSpec":

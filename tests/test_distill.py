@@ -49,3 +49,31 @@ def test_kd_brings_the_student_closer_to_the_teacher(tiny_model_dir, tiny_tokeni
     assert after < 0.7 * before, (before, after)
     assert (tmp_path / "s" / "config.json").is_file() and m["tokens"] == 40 * 4 * 64
     assert len(m["loss_curve"]) == 40
+
+
+def test_width_pruning_keeps_active_neurons_and_kv_groups(tiny_model_dir):
+    from edgedistill.distill.prune import width_importance, width_pruned_copy
+    teacher = load_causal_lm(str(tiny_model_dir))  # 4 heads, 2 KV groups, FFN 128
+    windows = [[1, 5, 9, 33, 70, 2, 8, 100] * 4, list(range(3, 35))]
+    imp = width_importance(teacher, windows)
+    assert len(imp) == 4 and imp[0]["ffn"].shape == (128,) and imp[0]["heads"].shape == (4,)
+    student = width_pruned_copy(teacher, imp, ffn_keep=64, kv_groups_keep=1)
+    c = student.config
+    assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (64, 2, 1, 16)
+    keep = imp[1]["ffn"].topk(64).indices.sort().values
+    assert torch.equal(student.model.layers[1].mlp.down_proj.weight, teacher.model.layers[1].mlp.down_proj.weight[:, keep])
+    x = torch.tensor(windows[:1])
+    assert torch.isfinite(student(x).logits).all()
+    # Keeping everything reproduces the teacher exactly; a saved copy reloads with its own valid config.
+    same = width_pruned_copy(teacher, imp, ffn_keep=128, kv_groups_keep=2)
+    assert torch.allclose(same(x).logits, teacher(x).logits, atol=1e-5)
+
+
+def test_depth_then_width_pruned_student_saves_a_valid_model(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from edgedistill.distill.prune import make_depth_pruned_student
+    teacher = load_causal_lm(str(tiny_model_dir))
+    m = make_depth_pruned_student(teacher, tiny_tokenizer, [list(range(3, 35))], 0.5, tmp_path, width_ratio=0.5)
+    s = load_causal_lm(str(tmp_path))
+    assert (s.config.num_hidden_layers, s.config.intermediate_size, s.config.num_key_value_heads) == (2, 64, 1)
+    assert m["student_params"] == sum(p.numel() for p in s.parameters())
+    assert torch.isfinite(s(torch.tensor([[5, 6, 7]])).logits).all()
