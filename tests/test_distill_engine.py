@@ -242,3 +242,21 @@ def test_cli_distill_with_recipe_fields(tiny_model_dir, tmp_path):
     assert (tmp_path / "s" / "qat" / CODES_FILE).is_file() and not (tmp_path / "s.work").exists()
     bad = CliRunner().invoke(app, args[:7] + ["--beta", "2"])
     assert bad.exit_code == 2 and "--beta" in bad.output and "Traceback" not in bad.output
+
+
+def test_gpu_code_paths_run_on_cpu(tiny_model_dir, tiny_tokenizer, stream, tmp_path):
+    """bf16 autocast, gradient checkpointing and grad accumulation through the same loop (CPU)."""
+    teacher, student = _pair(tiny_model_dir)
+    cfg = KDConfig(steps=3, batch_size=2, seq_len=32, lr=3e-3, precision="bf16", gradient_checkpointing=True,
+                   grad_accum=2)
+    m = distill(teacher, student, stream, cfg, tmp_path / "s")
+    assert m["precision"] == "bf16" and all(np.isfinite(m["loss_curve"]))
+    assert m["tokens"] == 3 * 2 * 2 * 32
+    assert not student.is_gradient_checkpointing
+
+
+@pytest.mark.slow
+def test_torch_compile_path_runs_on_cpu(tiny_model_dir, stream, tmp_path):
+    teacher, student = _pair(tiny_model_dir)
+    m = distill(teacher, student, stream, KDConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, compile=True), tmp_path / "s")
+    assert all(np.isfinite(m["loss_curve"]))
