@@ -13,7 +13,7 @@ Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TF
 Needs a CUDA build of torch, transformers and (for the third row) liger-kernel + triton: the GPU
 machine has no package index, so carry their wheels. `--smoke` runs tiny shapes on CPU (no Liger).
 
-    python bench/distill_gpu.py [--steps 10] [--rows naive,ours,liger] [--compile]   # last line: JSON
+    python bench/distill_gpu.py [--steps 10] [--rows naive,ours,liger] [--compile] [--checkpointing]  # last line: JSON
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def run_row(row: str, shape: dict, device: str, steps: int, compile_: bool) -> dict:
+def run_row(row: str, shape: dict, device: str, steps: int, compile_: bool, checkpointing: bool = False) -> dict:
     student, teacher = build(shape, device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -108,6 +108,8 @@ def run_row(row: str, shape: dict, device: str, steps: int, compile_: bool) -> d
     step = step_fn(row, student, teacher, ids, device)
     if compile_ and row == "ours":
         student.model.compile()
+    if checkpointing and row == "ours":
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def one():
@@ -143,6 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", default="naive,ours,liger")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student backbone in our row")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="gradient checkpointing in our row (student activations dominate the peak once logits are gone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
     a = ap.parse_args()
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
@@ -152,13 +156,14 @@ def main() -> None:
     peak = matmul_tflops(device)
     res: dict = {"bench": "distill_gpu", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
                  "torch": torch.__version__, "batch": shape["batch"], "seq": shape["seq"], "steps": a.steps,
+                 "ours_compile": a.compile, "ours_checkpointing": a.checkpointing,
                  "matmul_bf16_tflops": None if peak is None else round(peak, 1)}
     for row in a.rows.split(","):
         if row == "liger" and device == "cpu":
             res[row] = {"skipped": "Liger's kernels are Triton (GPU only)"}
             continue
         try:
-            res[row] = run_row(row, shape, device, a.steps, a.compile)
+            res[row] = run_row(row, shape, device, a.steps, a.compile, a.checkpointing)
         except torch.OutOfMemoryError:
             res[row] = {"oom": True}
         except ImportError as e:

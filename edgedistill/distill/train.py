@@ -112,7 +112,9 @@ def evaluate_kd(teacher, student, batches: list[Batch], grid: str | None = None)
     student.eval()
     nll = kl = n = 0.0
     params = qat.fake_quantized_params(student, grid) if grid else None
+    device = next(student.parameters()).device
     for b in batches:
+        b = b.to(device)
         t = teacher_targets(teacher, b)
         h = qat.forward_hidden(student, params, input_ids=b.input_ids, attention_mask=b.attention_mask)
         w, bias = qat.head_weight(student, params)
