@@ -34,7 +34,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     teacher_dir = resolve_model("smollm2-135m-instruct")
     teacher, tok = load_causal_lm(teacher_dir), load_tokenizer(teacher_dir)
     corpus = load_corpus("stdlib", max_chars=1_000_000, seed=0)
@@ -44,11 +48,12 @@ def main() -> None:
     imp = block_importance(teacher, calib)
     init = depth_pruned_copy(teacher, choose_layers(imp, len(imp) // 2))
     res = {"bench": "kd_vs_ce", "teacher": "smollm2-135m-instruct", "student_layers": init.config.num_hidden_layers,
-           "steps": a.steps, "batch": a.batch, "seq": a.seq, "lr": a.lr,
+           "steps": a.steps, "batch": a.batch, "seq": a.seq, "lr": a.lr, "precision": a.precision,
            "init": evaluate_kd(teacher, init, held), "teacher_ppl": evaluate_kd(teacher, teacher, held)["heldout_ppl"]}
     for name, spec in (("kd", LossSpec("forward_kl")), ("ce", LossSpec(ce_weight=1.0))):
         student = copy.deepcopy(init)
-        cfg = KDConfig(steps=a.steps, batch_size=a.batch, seq_len=a.seq, lr=a.lr, warmup_steps=10, loss=spec)
+        cfg = KDConfig(steps=a.steps, batch_size=a.batch, seq_len=a.seq, lr=a.lr, warmup_steps=10, loss=spec,
+                       precision=a.precision)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             distill(teacher, student, stream, cfg, Path(tmp))
