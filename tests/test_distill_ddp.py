@@ -17,9 +17,13 @@ def _free_port() -> int:
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    env_cmd = [sys.executable]
-    subprocess.run(env_cmd + [str(SCRIPT), str(tmp_path / "one.json")], check=True, timeout=300)
-    subprocess.run(env_cmd + ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    import ddp_distill_script  # the single-process reference runs here: one interpreter start fewer
+    threads = torch.get_num_threads()
+    try:
+        ddp_distill_script.main(str(tmp_path / "one.json"))
+    finally:
+        torch.set_num_threads(threads)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                               "--master_port", str(_free_port()), str(SCRIPT), str(tmp_path / "two.json")],
                    check=True, timeout=300)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
