@@ -68,7 +68,7 @@ class BuildContext:
     @functools.cached_property
     def train_stream(self) -> list[int]:
         r = self.recipe.distill
-        need = (r.steps * r.batch_size + self.recipe.student.calib_windows + 8) * r.seq_len
+        need = (r.steps * r.batch_size * r.grad_accum + self.recipe.student.calib_windows + 8) * r.seq_len
         return token_stream(self.tokenizer, self.corpus.train, max_tokens=need)
 
     @functools.cached_property
@@ -102,25 +102,30 @@ def stage_student_init(ctx: BuildContext) -> Artifact:
         else:
             calib = windows(ctx.train_stream, ctx.recipe.distill.seq_len, s.calib_windows, what="calibration text")
             teacher = load_causal_lm(ctx.teacher_dir)
-            metrics = {"init": "depth_prune", **make_depth_pruned_student(teacher, ctx.tokenizer, calib, s.keep_ratio, tmp)}
+            metrics = {"init": "depth_prune", **make_depth_pruned_student(teacher, ctx.tokenizer, calib, s.keep_ratio, tmp,
+                                                                            width_ratio=s.width_ratio)}
     return Artifact([dest], metrics)
 
 
 def stage_distill(ctx: BuildContext) -> Artifact:
-    from .distill.train import KDConfig, distill
+    from .distill.run import run_distill
     from .models import load_causal_lm
     d = ctx.recipe.distill
-    cfg = KDConfig(steps=d.steps, batch_size=d.batch_size, seq_len=d.seq_len, lr=d.lr, warmup_steps=d.warmup_steps,
-                   weight_decay=d.weight_decay, temperature=d.temperature, grad_clip=d.grad_clip, seed=d.seed)
     teacher = load_causal_lm(ctx.teacher_dir)
     student = load_causal_lm(str(ctx.path("student_init")))
     dest = ctx.path("student")
+    # Checkpoints and the offline teacher cache live beside the build, keyed by the stage's inputs, so a rerun
+    # of the same recipe resumes and a changed recipe starts over.
+    work = ctx.path("distill_work", sha256_json(stage_inputs(ctx, "distill"))[:16])
+    heldout = ctx.eval_windows if d.eval_every else None
     with atomic_dir(dest) as tmp:
-        metrics = distill(teacher, student, ctx.train_stream, cfg, tmp, tokenizer=ctx.tokenizer)
-    return Artifact([dest], {"loss": d.loss, **metrics})
+        metrics = run_distill(teacher, student, ctx.tokenizer, d, None if d.chat_data else ctx.train_stream, tmp,
+                              work, heldout_windows=heldout)
+    return Artifact([dest], metrics)
 
 
 def stage_compress(ctx: BuildContext) -> Artifact:
+    from .compress.rtn import CODES_FILE
     from .compress.stage import compress_model
     spec = ctx.recipe.compress
     dest = ctx.path("compressed")
@@ -128,9 +133,11 @@ def stage_compress(ctx: BuildContext) -> Artifact:
         return Artifact([], {"method": "none"})
     stream = token_stream(ctx.tokenizer, ctx.corpus.train, max_tokens=spec.calib_windows * spec.calib_seq_len)
     calib = windows(stream, spec.calib_seq_len, spec.calib_windows, what="calibration text")
+    qat = ctx.path("student", "qat", CODES_FILE)
     with atomic_dir(dest) as tmp:
         metrics = compress_model(ctx.path("student"), tmp, spec, ctx.tokenizer, calib,
-                                 ctx.eval_windows[:spec.eval_windows])
+                                 ctx.eval_windows[:spec.eval_windows],
+                                 qat_codes=qat if ctx.recipe.distill.quantize_aware == spec.method else None)
     return Artifact([dest], metrics)
 
 

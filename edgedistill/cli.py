@@ -143,6 +143,56 @@ def compress(model: str = typer.Argument(..., help="HF model folder (or hub id /
     print(f"Compressed model: {out / 'model'}  (metrics: {out / 'compress_metrics.json'})")
 
 
+@app.command("distill")
+def distill_cmd(
+        teacher: str = typer.Option(..., "--teacher", help="teacher: HF model dir, hub id, .gguf, or 'smollm2-135m-instruct'"),
+        student: str = typer.Option("depth_prune", "--student", help="student model dir/id, or 'depth_prune' (teacher's most important half)"),
+        data: str = typer.Option("stdlib", "--data", help="text file/folder, 'stdlib', or chat JSONL (.jsonl with 'messages')"),
+        out: Path = typer.Option(..., "--out", help="folder for the distilled student"),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", help="take the distill: section of this recipe; options override it"),
+        loss: Optional[str] = typer.Option(None, help="forward_kl | reverse_kl | jsd"),
+        beta: Optional[float] = typer.Option(None, help="JSD β (0 → forward KL, 1 → reverse KL)"),
+        temperature: Optional[float] = typer.Option(None),
+        ce_weight: Optional[float] = typer.Option(None, help="share of hard-label cross-entropy"),
+        steps: Optional[int] = typer.Option(None), batch_size: Optional[int] = typer.Option(None),
+        grad_accum: Optional[int] = typer.Option(None), seq_len: Optional[int] = typer.Option(None),
+        lr: Optional[float] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
+        chunk_tokens: Optional[int] = typer.Option(None),
+        teacher_mode: Optional[str] = typer.Option(None, help="online | offline (top-k cache)"),
+        top_k: Optional[int] = typer.Option(None), prompts: Optional[str] = typer.Option(None, help="prompt JSONL for on-policy / sequence-level KD"),
+        on_policy_fraction: Optional[float] = typer.Option(None, help="GKD λ"),
+        sequence_kd_fraction: Optional[float] = typer.Option(None), max_new_tokens: Optional[int] = typer.Option(None),
+        quantize_aware: Optional[str] = typer.Option(None, help="q8_0 | q4_0 | q4_1"),
+        precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16"),
+        compile: Optional[bool] = typer.Option(None, "--compile/--no-compile"),
+        gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+        eval_every: Optional[int] = typer.Option(None), checkpoint_every: Optional[int] = typer.Option(None),
+        seed: Optional[int] = typer.Option(None)) -> None:
+    """Distill a student from a teacher (the same fields as the recipe's distill: section)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from .distill.run import distill_from_paths
+    from .recipe import DistillSpec, load_recipe
+    options = {k: v for k, v in locals().items() if k in DistillSpec.model_fields and v is not None}
+    try:
+        base = load_recipe(recipe).distill.model_dump() if recipe else {}
+        try:
+            spec = DistillSpec.model_validate({**base, **options})
+        except ValidationError as e:
+            msgs = [f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()]
+            raise EdgeDistillError("invalid distill options:\n  " + "\n  ".join(msgs)) from None
+        metrics = distill_from_paths(teacher, student, data, out, spec)
+    except EdgeDistillError as e:
+        _fail(e)
+        return
+    summary = {k: metrics.get(k) for k in ("loss", "steps", "tokens", "tokens_per_s", "loss_first", "loss_last",
+                                           "final_eval", "quantize_aware")}
+    print(json.dumps(summary, indent=1))
+    print(f"Student: {out}")
+
+
 def main() -> None:
     app()
 

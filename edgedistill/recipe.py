@@ -29,6 +29,7 @@ class StudentSpec(Section):
     model: str | None = Field(None, description="student model path/id when init == 'model'")
     keep_ratio: float = Field(0.5, gt=0.0, le=0.5, description="fraction of teacher layers kept by depth pruning (≤ 0.5)")
     calib_windows: int = Field(8, ge=1, le=1024, description="calibration windows used to score layer importance")
+    width_ratio: float = Field(1.0, gt=0.0, le=1.0, description="depth_prune then keep this share of FFN neurons and KV groups (1: no width pruning)")
 
     @model_validator(mode="after")
     def _model_needed(self) -> "StudentSpec":
@@ -45,9 +46,12 @@ class DataSpec(Section):
 
 
 class DistillSpec(Section):
-    loss: Literal["forward_kl"] = "forward_kl"
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KL(teacher‖student), KL(student‖teacher) or generalized JSD")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight: 0 → forward KL, 1 → reverse KL")
+    ce_weight: float = Field(0.0, ge=0.0, le=1.0, description="share of hard-label cross-entropy mixed into the loss")
     steps: int = Field(200, ge=1, le=1_000_000)
     batch_size: int = Field(4, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     seq_len: int = Field(128, ge=8, le=32768)
     lr: float = Field(1e-3, gt=0.0, lt=1.0)
     warmup_steps: int = Field(10, ge=0)
@@ -55,6 +59,26 @@ class DistillSpec(Section):
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     grad_clip: float = Field(1.0, gt=0.0)
     seed: int = 0
+    chunk_tokens: int = Field(1024, ge=16, le=65536, description="tokens per loss chunk (memory ∝ chunk × vocab)")
+    teacher_mode: Literal["online", "offline"] = Field("online", description="offline: cache the teacher's top-k log-probs once")
+    top_k: int = Field(32, ge=1, le=4096, description="offline teacher: log-probs kept per token (4 + 4·k bytes/token)")
+    chat_data: str | None = Field(None, description="JSONL of {'messages': [...]}: train on assistant tokens instead of data.source")
+    prompts: str | None = Field(None, description="JSONL of {'prompt'} or {'messages'} for on-policy / sequence-level KD")
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0, description="GKD λ: share of batches the student generates")
+    sequence_kd_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of batches the teacher generates")
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    quantize_aware: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="train through this GGUF grid (QAT)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(0, ge=0, description="held-out perplexity and KL every N steps (0: off)")
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: off)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DistillSpec":
+        if self.on_policy_fraction + self.sequence_kd_fraction > 1.0:
+            raise ValueError("distill.on_policy_fraction + sequence_kd_fraction must be at most 1")
+        return self
 
 
 class CompressSpec(Section):
@@ -178,6 +202,9 @@ def _check_paths(recipe: Recipe, base: Path) -> None:
         recipe.student.model = resolve("student.model", recipe.student.model)
     if recipe.data.source != "stdlib":
         recipe.data.source = resolve("data.source", recipe.data.source)
+    for name in ("chat_data", "prompts"):
+        if getattr(recipe.distill, name):
+            setattr(recipe.distill, name, resolve(f"distill.{name}", getattr(recipe.distill, name)))
 
 
 def load_recipe(path: str | Path | None) -> Recipe:

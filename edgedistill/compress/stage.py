@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import CompressError
-from .rtn import CODES_FILE, quantize_model, save_codes
+from .rtn import CODES_FILE, load_codes, quantize_model, save_codes
 
 # Dense formats store a pruned weight as an explicit zero: nothing we export skips them.
 SPARSITY_RUNTIME_NOTE = ("safetensors, GGUF (llama.cpp) and ONNX (onnxruntime) store pruned weights as explicit zeros "
@@ -29,7 +29,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 def compress_model(model_dir: str | Path, out_dir: Path, spec, tokenizer, calib: list[list[int]],
-                   heldout: list[list[int]]) -> dict:
+                   heldout: list[list[int]], qat_codes: Path | None = None) -> dict:
     """Compress the model in `model_dir` as `spec` (a recipe CompressSpec) says; write `out_dir`."""
     from ..models import load_causal_lm
     from .methods import ObsConfig, obs_compress
@@ -38,7 +38,10 @@ def compress_model(model_dir: str | Path, out_dir: Path, spec, tokenizer, calib:
     t0 = time.perf_counter()
     ppl_before = _ppl(model, heldout)
     codes: dict = {}
-    if spec.method == "q8_0":
+    if spec.method == "q8_0" and qat_codes is not None and Path(qat_codes).is_file():
+        # The student was trained through this grid: its codes are the export, bit for bit.
+        codes, metrics = load_codes(Path(qat_codes)), {"grid": "q8_0", "from_quantize_aware_training": True}
+    elif spec.method == "q8_0":
         codes, metrics = quantize_model(model, "q8_0")
     elif spec.method in ("gptq", "sparsegpt"):
         grid = spec.grid or ("q4_0" if spec.method == "gptq" else None)

@@ -1,17 +1,32 @@
-"""The distillation loop: a plain, visible loop (teacher forward, student forward, KD loss, step)."""
+"""The distillation loop: a plain, visible loop.
+
+One step = for each micro-batch: get a batch (from the data, from the student's own
+samples with probability `on_policy_fraction`, or from the teacher's samples with
+`sequence_kd_fraction`), teacher targets (online forward or offline top-k cache),
+student forward (through the export grid under quantize-aware training), fused KD
+loss; then clip, step, and now and then evaluate and checkpoint.
+"""
 from __future__ import annotations
 
 import math
+import os
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from ..data.tokens import WindowSampler
+from ..data.batches import Batch, TextBatches
 from ..errors import DistillError
 from ..progress import progress_bar
-from .losses import forward_kl
+from . import qat
+from .losses import DenseTeacher, LossSpec, TopKTeacher, kd_loss
+from .teacher import CachedTeacherBatches, generate_completions
+
+CHECKPOINT = "checkpoint.pt"
+QAT_DIR = "qat"  # holds the grid codes of a quantize-aware student
 
 
 @dataclass
@@ -22,12 +37,34 @@ class KDConfig:
     lr: float
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    temperature: float = 1.0
+    temperature: float = 1.0  # kept for callers of the first API; `loss.temperature` wins when loss is given
     grad_clip: float = 1.0
     seed: int = 0
+    loss: LossSpec | None = None
+    grad_accum: int = 1
+    quantize_aware: str | None = None
+    on_policy_fraction: float = 0.0
+    sequence_kd_fraction: float = 0.0
+    max_new_tokens: int = 64
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; "bf16" also on CPU (fast where it has AMX)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.loss is None:
+            self.loss = LossSpec(temperature=self.temperature)
+        if self.quantize_aware:
+            qat.check_grid(self.quantize_aware)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DistillError(f"precision '{self.precision}' is unknown; expected auto, fp32 or bf16.")
 
 
 def pick_device() -> torch.device:
+    if dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -46,50 +83,206 @@ def check_vocab(teacher, student) -> None:
                            "distillation is not supported yet. Use a student that shares the teacher's tokenizer.")
 
 
-def distill(teacher, student, train_stream: list[int], cfg: KDConfig, out_dir: Path, tokenizer=None) -> dict:
-    """Train `student` to match `teacher` by forward KL; save it to `out_dir`; return metrics."""
+class StudentLoss(torch.nn.Module):
+    """Student forward + fused KD loss as one module, so DDP sees (and synchronises) the whole step."""
+
+    def __init__(self, student, spec: LossSpec, grid: str | None):
+        super().__init__()
+        self.student, self.spec, self.grid = student, spec, grid
+
+    def forward(self, batch: Batch, teacher_targets, normalizer: float) -> torch.Tensor:
+        params = qat.fake_quantized_params(self.student, self.grid) if self.grid else None
+        h = qat.forward_hidden(self.student, params, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        w, b = qat.head_weight(self.student, params)
+        return kd_loss(h, w, teacher_targets, self.spec, mask=batch.loss_mask, labels=batch.labels,
+                       normalizer=normalizer, student_bias=b)
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batch: Batch) -> DenseTeacher:
+    h = teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    head = teacher.get_output_embeddings()
+    return DenseTeacher(h, head.weight, head.bias)
+
+
+@torch.no_grad()
+def evaluate_kd(teacher, student, batches: list[Batch], grid: str | None = None) -> dict:
+    """Held-out perplexity of the student (as it will be exported) and forward KL to the teacher, per token."""
+    was = student.training
+    student.eval()
+    nll = kl = n = 0.0
+    params = qat.fake_quantized_params(student, grid) if grid else None
+    device = next(student.parameters()).device
+    for b in batches:
+        b = b.to(device)
+        t = teacher_targets(teacher, b)
+        h = qat.forward_hidden(student, params, input_ids=b.input_ids, attention_mask=b.attention_mask)
+        w, bias = qat.head_weight(student, params)
+        tokens = int(b.loss_mask.sum())
+        kl += kd_loss(h, w, t, LossSpec(), mask=b.loss_mask, student_bias=bias).item() * tokens
+        nll += kd_loss(h, w, t, LossSpec(ce_weight=1.0), mask=b.loss_mask & (b.labels >= 0), labels=b.labels,
+                       student_bias=bias).item() * int((b.loss_mask & (b.labels >= 0)).sum())
+        n += tokens
+    student.train(was)
+    return {"heldout_kl": kl / max(n, 1), "heldout_ppl": math.exp(nll / max(n, 1))}
+
+
+def save_checkpoint(path: Path, student, opt, step: int, rng_state) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng_state}, tmp)
+    os.replace(tmp, path)
+
+
+def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None, *, heldout: list[Batch] | None = None,
+            prompts=None, checkpoint_dir: Path | None = None) -> dict:
+    """Train `student` towards `teacher`; save it (and, under QAT, its grid codes) to `out_dir`; return metrics.
+
+    `data`: a token stream (packed text), or an object with `next_batch()` giving a Batch (ChatBatches,
+    TextBatches) or a (Batch, TopKTeacher) pair (CachedTeacherBatches: offline teacher).
+    `prompts`: an object with `prompts(n, prompt_len)` for on-policy / sequence-level KD (default: prefixes
+    of the text windows).
+    """
     check_vocab(teacher, student)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = pick_device()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)
+    if isinstance(data, list):
+        data = TextBatches(data, cfg.seq_len, cfg.batch_size, seed=cfg.seed + rank)
+    prompts = prompts if prompts is not None else (data if hasattr(data, "prompts") else None)
+    if (cfg.on_policy_fraction or cfg.sequence_kd_fraction) and prompts is None:
+        raise DistillError("on-policy / sequence-level KD needs prompts: give prompt JSONL or text data.")
+    offline = isinstance(data, CachedTeacherBatches)
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
-    sampler = WindowSampler(train_stream, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step_fn = StudentLoss(student, cfg.loss, cfg.quantize_aware)
+    if world > 1:
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_fn = torch.compile(step_fn)
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t_head, s_head = teacher.get_output_embeddings(), student.get_output_embeddings()
-    losses: list[float] = []
-    tokens = 0
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    mix_rng = random.Random(cfg.seed)
+    start, ckpt = 0, (Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None)
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        mix_rng.setstate(state["rng"])
+        for _ in range(start * cfg.grad_accum):  # replay the data order up to the checkpoint
+            data.next_batch()
+    losses, evals, step_seconds, tokens, good_step = [], [], [], 0, start
     t0 = time.perf_counter()
-    with progress_bar("distill (forward KL)", total=cfg.steps) as bar:
-        for step in range(cfg.steps):
-            batch = torch.tensor(sampler.next_batch(), device=device)
+    label = f"distill ({cfg.loss.kind}{', QAT ' + cfg.quantize_aware if cfg.quantize_aware else ''})"
+    with progress_bar(label, total=cfg.steps - start) as bar:
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            with autocast:
-                with torch.no_grad():
-                    h_t = teacher.base_model(input_ids=batch).last_hidden_state
-                h_s = student.base_model(input_ids=batch).last_hidden_state
-                loss = forward_kl(h_s, s_head, h_t, t_head, temperature=cfg.temperature)
-            if not torch.isfinite(loss):
-                raise DistillError(f"loss became {loss.item()} at step {step}; lower distill.lr (now {cfg.lr}).")
+            micro = []
+            for _ in range(cfg.grad_accum):
+                u = mix_rng.random()
+                item = data.next_batch()
+                batch, targets = item if offline else (item, None)
+                if u < cfg.on_policy_fraction + cfg.sequence_kd_fraction:
+                    generator = student if u < cfg.on_policy_fraction else teacher
+                    p_ids, p_attn = prompts.prompts(cfg.batch_size, max(1, cfg.seq_len - cfg.max_new_tokens))
+                    with autocast:
+                        batch = generate_completions(generator, p_ids.to(device), p_attn.to(device),
+                                                     cfg.max_new_tokens, _eos(tokenizer, student), _pad(tokenizer))
+                    targets = None
+                micro.append((batch.to(device), targets))
+            count = torch.tensor(float(sum(int(b.loss_mask.sum()) for b, _ in micro)), device=device)
+            if world > 1:
+                dist.all_reduce(count)
+            normalizer = max(count.item(), 1.0) / world  # DDP averages gradients over ranks
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            try:
+                for i, (batch, targets) in enumerate(micro):
+                    if targets is None:
+                        with autocast:
+                            targets = teacher_targets(teacher, batch)
+                    elif isinstance(targets, TopKTeacher):
+                        targets = TopKTeacher(targets.logprobs.to(device), targets.indices.to(device))
+                    sync = world == 1 or i == len(micro) - 1
+                    ctx = step_fn.no_sync() if not sync and hasattr(step_fn, "no_sync") else _null()
+                    with ctx, autocast:
+                        loss = step_fn(batch, targets, normalizer)
+                    loss.backward()
+                    step_loss += loss.item()
+                    tokens += batch.tokens
+            except torch.OutOfMemoryError:
+                raise DistillError(f"out of memory at step {step} (batch_size {cfg.batch_size} × seq_len {cfg.seq_len}, "
+                                   f"chunk_tokens {cfg.loss.chunk_tokens}). Lower distill.batch_size or seq_len (raise "
+                                   "grad_accum to keep the batch), or lower chunk_tokens.") from None
+            if world > 1:
+                t = torch.tensor(step_loss, device=device)
+                dist.all_reduce(t)
+                step_loss = t.item() / world  # each rank holds world × its share of the mean
+            if not math.isfinite(step_loss):
+                where = f"the last good checkpoint (step {good_step}) is in {ckpt}" if ckpt and ckpt.is_file() else \
+                    "no checkpoint was written (set checkpoint_every)"
+                raise DistillError(f"loss became {step_loss} at step {step}; training stopped before the update, "
+                                   f"{where}. Lower distill.lr (now {cfg.lr}) or grad_clip, or check the data.")
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
-            losses.append(loss.item())
-            tokens += batch.numel()
+            losses.append(step_loss)
+            step_seconds.append(time.perf_counter() - t_step)
+            done = step + 1
+            if heldout and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                evals.append({"step": done, **evaluate_kd(teacher, student, heldout, cfg.quantize_aware)})
+            if ckpt is not None and rank == 0 and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                save_checkpoint(ckpt, student, opt, done, mix_rng.getstate())
+                good_step = done
             elapsed = time.perf_counter() - t0
-            bar.advance(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+            bar.advance(loss=f"{step_loss:.3f}", tok_s=f"{tokens * world / elapsed:,.0f}")
     seconds = time.perf_counter() - t0
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    metrics = {"device": device.type, "precision": "bf16" if bf16 else "fp32", "world_size": world, "loss": cfg.loss.kind, "steps": cfg.steps,
+               "resumed_from": start, "tokens": tokens * world, "seconds": round(seconds, 2),
+               "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
+               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "loss_curve": [round(x, 5) for x in losses], "step_seconds": [round(x, 4) for x in step_seconds],
+               "evals": evals}
     student.eval().to("cpu")
     teacher.to("cpu")
-    student.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return {"device": device.type, "steps": cfg.steps, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "loss_first": losses[0], "loss_last": losses[-1],
-            "loss_curve": [round(x, 5) for x in losses]}
+    if rank == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.quantize_aware:
+            from ..compress.rtn import CODES_FILE, save_codes
+            codes = qat.export_codes(student, cfg.quantize_aware)
+            (Path(out_dir) / QAT_DIR).mkdir(exist_ok=True)  # beside, not among, the checkpoint's safetensors
+            save_codes(codes, Path(out_dir) / QAT_DIR / CODES_FILE)
+            metrics["quantize_aware"] = {"grid": cfg.quantize_aware, "codes_file": f"{QAT_DIR}/{CODES_FILE}",
+                                         "tensors": len(codes)}
+        student.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+    return metrics
+
+
+def _eos(tokenizer, model) -> int | None:
+    return tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+
+
+def _pad(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else pad
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

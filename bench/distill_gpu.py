@@ -1,0 +1,181 @@
+"""One GPU: a naive KD step vs ours vs Liger-Kernel's fused linear JSD (forward KL in all three).
+
+Student shaped like SmolLM2-360M (hidden 960, 32 layers, 15 heads, 5 KV heads, FFN 2560, vocab 49152,
+tied), random init, fp32 master weights; teacher shaped like SmolLM2-1.7B (hidden 2048, 24 layers,
+32 heads, FFN 8192), bf16, frozen. Batch 8 × 1024 random tokens, bf16 autocast, fused AdamW in every row.
+
+  naive  full logits of both models, kl_div over log_softmax (fp32)
+  ours   edgedistill.distill.losses.kd_loss: chunked, gradient formed in the forward pass
+  liger  LigerFusedLinearJSD(jsd_beta=0.0) on the last hidden states and lm_head weights
+
+Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TFLOP/s
+((6·N_student + 2·N_teacher)·tokens / time) and its fraction of a measured 8192³ bf16 matmul.
+Needs a CUDA build of torch, transformers and (for the third row) liger-kernel + triton: the GPU
+machine has no package index, so carry their wheels. `--smoke` runs tiny shapes on CPU (no Liger).
+
+    python bench/distill_gpu.py [--steps 10] [--rows naive,ours,liger] [--compile] [--checkpointing]  # last line: JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgedistill.distill.losses import DenseTeacher, LossSpec, kd_loss  # noqa: E402
+
+FULL = {"student": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                        intermediate_size=2560),
+        "teacher": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                        intermediate_size=8192),
+        "vocab": 49152, "batch": 8, "seq": 1024}
+SMOKE = {"student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128),
+         "teacher": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=192),
+         "vocab": 512, "batch": 2, "seq": 64}
+
+
+def build(shape: dict, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    common = dict(vocab_size=shape["vocab"], max_position_embeddings=2048, tie_word_embeddings=True,
+                  attn_implementation="sdpa")
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(**shape["student"], **common)).to(device)
+    teacher = LlamaForCausalLM(LlamaConfig(**shape["teacher"], **common)).to(device, torch.bfloat16).eval()
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def step_fn(row: str, student, teacher, ids, device: str):
+    autocast = torch.autocast(device, dtype=torch.bfloat16)
+    if row == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        liger = LigerFusedLinearJSD(jsd_beta=0.0)
+
+    def step():
+        with autocast:
+            with torch.no_grad():
+                h_t = teacher.model(input_ids=ids).last_hidden_state
+            if row == "naive":
+                s_logits = student(input_ids=ids).logits
+                with torch.no_grad():
+                    t_logits = teacher.lm_head(h_t)
+                V = s_logits.shape[-1]
+                loss = F.kl_div(F.log_softmax(s_logits.float().reshape(-1, V), -1),
+                                F.log_softmax(t_logits.float().reshape(-1, V), -1), log_target=True,
+                                reduction="batchmean")  # mean over tokens
+            else:
+                h_s = student.model(input_ids=ids).last_hidden_state
+                if row == "ours":
+                    loss = kd_loss(h_s, student.lm_head.weight, DenseTeacher(h_t, teacher.lm_head.weight),
+                                   LossSpec("forward_kl", chunk_tokens=2048))
+                else:
+                    H = h_s.shape[-1]
+                    loss = liger(h_s.reshape(-1, H).to(torch.bfloat16), student.lm_head.weight.to(torch.bfloat16),
+                                 h_t.reshape(-1, h_t.shape[-1]), teacher.lm_head.weight)
+        loss.backward()
+        return loss
+    return step
+
+
+def matmul_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+def run_row(row: str, shape: dict, device: str, steps: int, compile_: bool, checkpointing: bool = False) -> dict:
+    student, teacher = build(shape, device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device == "cuda")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
+    step = step_fn(row, student, teacher, ids, device)
+    if compile_ and row == "ours":
+        student.model.compile()
+    if checkpointing and row == "ours":
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        loss = step()
+        opt.step()
+        return loss
+
+    for _ in range(2):  # warm-up: allocator, kernels, compile
+        one()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = one()
+    sync()
+    sec = (time.perf_counter() - t) / steps
+    tokens = shape["batch"] * shape["seq"]
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    out = {"tok_s": round(tokens / sec, 1), "loss": round(float(loss.detach()), 5),
+           "model_tflops": round((6 * n_s + 2 * n_t) * tokens / sec / 1e12, 2)}
+    out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    del student, teacher, opt
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rows", default="naive,ours,liger")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the student backbone in our row")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="gradient checkpointing in our row (student activations dominate the peak once logits are gone)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
+    a = ap.parse_args()
+    device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not a.smoke:
+        sys.exit("no CUDA device: this benchmark needs a GPU (use --smoke to check the script on CPU)")
+    shape = SMOKE if a.smoke else FULL
+    peak = matmul_tflops(device)
+    res: dict = {"bench": "distill_gpu", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+                 "torch": torch.__version__, "batch": shape["batch"], "seq": shape["seq"], "steps": a.steps,
+                 "ours_compile": a.compile, "ours_checkpointing": a.checkpointing,
+                 "matmul_bf16_tflops": None if peak is None else round(peak, 1)}
+    for row in a.rows.split(","):
+        if row == "liger" and device == "cpu":
+            res[row] = {"skipped": "Liger's kernels are Triton (GPU only)"}
+            continue
+        try:
+            res[row] = run_row(row, shape, device, a.steps, a.compile, a.checkpointing)
+        except torch.OutOfMemoryError:
+            res[row] = {"oom": True}
+        except ImportError as e:
+            res[row] = {"skipped": f"{e}"}
+        if peak and "model_tflops" in res[row]:
+            res[row]["mfu"] = round(res[row]["model_tflops"] / peak, 3)
+    if "tok_s" in res.get("naive", {}) and "tok_s" in res.get("ours", {}):
+        res["ours_vs_naive_tok_s"] = round(res["ours"]["tok_s"] / res["naive"]["tok_s"], 3)
+        if res["naive"]["peak_gib"]:
+            res["ours_vs_naive_peak"] = round(res["ours"]["peak_gib"] / res["naive"]["peak_gib"], 3)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
