@@ -23,7 +23,7 @@ from .errors import EdgeDistillError
 from .progress import console
 from .recipe import Recipe
 
-STAGE_ORDER = ["teacher", "student_init", "distill", "compress", "export", "eval", "report"]
+STAGE_ORDER = ["teacher", "student_init", "distill", "compress", "export", "eval", "devices", "report"]
 VERSIONED = ["torch", "transformers", "tokenizers", "safetensors", "gguf", "onnx", "onnxruntime", "onnxscript",
              "llama_cpp_python", "numpy", "fastapi"]
 
@@ -191,6 +191,17 @@ def stage_eval(ctx: BuildContext) -> Artifact:
     return Artifact([], metrics)
 
 
+def stage_devices(ctx: BuildContext) -> Artifact:
+    from .devices.plan import fit_build, place_for_device
+    d = ctx.recipe.devices
+    outputs, metrics = [], {}
+    for device in d.targets:
+        report = fit_build(ctx.out_dir, device, context=d.context, ppl_tolerance=d.ppl_tolerance)
+        outputs.append(place_for_device(ctx.out_dir, report))
+        metrics[device] = report
+    return Artifact(outputs, metrics)
+
+
 def stage_report(ctx: BuildContext) -> Artifact:
     from .report import write_report
     return Artifact(write_report(ctx.out_dir, ctx.manifest), {})
@@ -198,7 +209,8 @@ def stage_report(ctx: BuildContext) -> Artifact:
 
 STAGES: dict[str, Callable[[BuildContext], Artifact]] = {
     "teacher": stage_teacher, "student_init": stage_student_init, "distill": stage_distill,
-    "compress": stage_compress, "export": stage_export, "eval": stage_eval, "report": stage_report,
+    "compress": stage_compress, "export": stage_export, "eval": stage_eval, "devices": stage_devices,
+    "report": stage_report,
 }
 
 
@@ -220,8 +232,10 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
     if name == "eval":
         return {s: fp(s) for s in ("teacher", "student_init", "distill", "compress", "export")} | {
             "eval": r.eval.model_dump(), "data": r.data.model_dump()}
+    if name == "devices":
+        return {"export": fp("export"), "eval": fp("eval"), "devices": r.devices.model_dump()}
     if name == "report":
-        return {"eval": fp("eval"), "distill": fp("distill"), "export": fp("export")}
+        return {"eval": fp("eval"), "distill": fp("distill"), "export": fp("export"), "devices": fp("devices")}
     raise KeyError(name)
 
 

@@ -70,6 +70,47 @@ def recipe_cmd(path: Optional[Path] = typer.Argument(None, help="recipe to valid
     print(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), end="")
 
 
+devices_app = typer.Typer(no_args_is_help=True, help="Device profiles and fitting a build to a device.")
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.command("list")
+def devices_list(measure: bool = typer.Option(False, "--measure", help="also benchmark this machine for `host`")) -> None:
+    """Known device profiles: memory budget, bandwidth, compute, context."""
+    from .devices.profiles import known_devices, load_profile
+    print(f"{'device':<22} {'RAM GB':>7} {'budget GB':>9} {'GB/s':>7} {'GFLOP/s':>8} {'context':>8}  runtimes")
+    for name in known_devices():
+        p = load_profile(name, measure=measure)
+        note = "  (measured on use)" if p.measure and not measure else ""
+        print(f"{name:<22} {p.ram_gb:>7.1f} {p.budget_gb:>9.1f} {p.memory_bandwidth_gbs:>7.1f} "
+              f"{p.compute_gflops:>8.0f} {p.default_context:>8}  {', '.join(p.runtimes)}{note}")
+
+
+@devices_app.command("fit")
+def devices_fit(out_dir: Path = typer.Argument(..., help="build folder"),
+                device: str = typer.Option(..., "--device", help="profile name (see `edgedistill devices list`)"),
+                context: Optional[int] = typer.Option(None, "--context", help="context length (default: the profile's)"),
+                as_json: bool = typer.Option(False, "--json", help="print the full fit report as JSON")) -> None:
+    """Which exported file fits DEVICE, with memory and predicted speed for every file."""
+    import json
+
+    from .devices.plan import fit_build
+    try:
+        rep = fit_build(out_dir, device, context=context)
+    except EdgeDistillError as e:
+        _fail(e)
+        return
+    if as_json:
+        print(json.dumps(rep, indent=2))
+        return
+    print(f"{'file':<34} {'format':>7} {'MB':>7} {'of budget':>9} {'decode tok/s':>12} {'prefill tok/s':>13}")
+    for f in rep["fits"]:
+        mark = "*" if f["path"] == rep["choice"]["path"] else " " if f["fits"] and f["supported"] else "x"
+        print(f"{mark}{f['path']:<33} {f['format']:>7} {f['total_mb']:>7.0f} {f['budget_mb']:>9.0f} "
+              f"{f['decode_tps']:>12.1f} {f['prefill_tps']:>13.0f}")
+    print(f"chosen for {device}: {rep['choice']['path']}")
+
+
 def main() -> None:
     app()
 

@@ -80,6 +80,25 @@ class EvalSpec(Section):
     seq_len: int = Field(256, ge=8, le=32768)
 
 
+class DevicesSpec(Section):
+    targets: list[str] = Field(default_factory=lambda: ["host"],
+                               description="device profiles to fit (see `edgedistill devices list`)")
+    context: int | None = Field(None, ge=16, le=1_048_576, description="context length; default: each profile's")
+    ppl_tolerance: float = Field(0.01, ge=0.0, le=1.0,
+                                 description="files within this relative perplexity of the best count as equal; "
+                                             "the fastest of them is chosen")
+
+    @field_validator("targets")
+    def _known(cls, v: list[str]) -> list[str]:
+        from .devices.profiles import known_devices
+        unknown = [d for d in v if d not in known_devices()]
+        if unknown:
+            raise ValueError(f"unknown device(s) {unknown}; known devices: {known_devices()}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate devices in {v}")
+        return v
+
+
 class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
@@ -89,6 +108,7 @@ class Recipe(Section):
     compress: CompressSpec = Field(default_factory=CompressSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    devices: DevicesSpec = Field(default_factory=DevicesSpec)
 
     def quick(self) -> "Recipe":
         """Same recipe with small step counts: a few minutes on 2 cores."""
