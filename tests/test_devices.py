@@ -72,9 +72,10 @@ def test_fit_arithmetic_by_hand():
     assert f.overhead_mb == pytest.approx((RUNTIMES["llama.cpp"].overhead_bytes + act) / 1e6)
     assert f.total_mb == pytest.approx(300 + f.kv_cache_mb + f.overhead_mb)
     assert f.fits == (f.total_mb <= 1000) and f.supported
-    eff = RUNTIMES["llama.cpp"].decode_efficiency["q8_0"]
-    assert f.decode_tps == pytest.approx(eff * 20e9 / 250e6)
-    assert f.decode_tps_full_context == pytest.approx(eff * 20e9 / (250e6 + kv_tok * 1024))
+    matvec = 100e9 * RUNTIMES["llama.cpp"].matvec_efficiency
+    assert f.decode_tps == pytest.approx(1 / (250e6 / 20e9 + 2 * SHAPE.matmul_params() / matvec))
+    flops_full = 2 * SHAPE.matmul_params() + 4 * 10 * 8 * 64 * 1024
+    assert f.decode_tps_full_context == pytest.approx(1 / ((250e6 + kv_tok * 1024) / 20e9 + flops_full / matvec))
     flops = 2 * SHAPE.matmul_params() + 4 * 10 * 8 * 64 * 256
     assert f.prefill_tps == pytest.approx(100e9 * RUNTIMES["llama.cpp"].prefill_efficiency / flops)
     # A longer context only costs KV cache.
