@@ -153,8 +153,12 @@ def stage_export(ctx: BuildContext) -> Artifact:
             metrics["gguf"][f"export/{name}"] = {**info, "from_codes": codes is not None}
         if exp.onnx:
             from .export.onnx import export_onnx
-            info = export_onnx(ctx.path("student"), tmp / "student.onnx")
-            metrics["onnx"] = {k: v for k, v in info.items() if k != "files"}
+            from .export.onnx_quant import quantize_onnx
+            info = export_onnx(ctx.path("student"), tmp / "student.onnx", graph=exp.onnx_graph)
+            metrics["onnx"] = {k: v for k, v in info.items() if k not in ("files", "inputs", "outputs")}
+            metrics["onnx"]["graph"] = exp.onnx_graph
+            for kind in exp.onnx_quant:
+                metrics[f"onnx_{kind}"] = quantize_onnx(tmp / "student.onnx", tmp / f"student-{kind}.onnx", kind)
     return Artifact([dest], metrics)
 
 

@@ -70,6 +70,23 @@ def recipe_cmd(path: Optional[Path] = typer.Argument(None, help="recipe to valid
     print(yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), end="")
 
 
+@app.command("export")
+def export_cmd(model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json + safetensors)"),
+               to: str = typer.Option(..., "--to", help="gguf[:TYPE] (f32 f16 q8_0 q4_0 q4_1 q4_k_m q5_k_m q6_k; "
+                                                        "default f16) or onnx[:int8|int4] (default fp32)"),
+               out: Path = typer.Option(..., "--out", help="output file (.gguf / .onnx)")) -> None:
+    """Export a model folder to GGUF or ONNX (with KV cache), checked as it is written."""
+    from .export.cli import export_model
+    try:
+        info = export_model(model_dir, to, out)
+    except EdgeDistillError as e:
+        _fail(e)
+        return
+    print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB, {info['what']})")
+    if info.get("fallback"):
+        print(f"  tensors in a fallback type: {info['fallback']}")
+
+
 devices_app = typer.Typer(no_args_is_help=True, help="Device profiles and fitting a build to a device.")
 app.add_typer(devices_app, name="devices")
 

@@ -61,12 +61,16 @@ class CompressSpec(Section):
     method: Literal["q8_0", "none"] = Field("q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale)")
 
 
-GgufType = Literal["f32", "f16", "q8_0"]
+GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]
+OnnxQuant = Literal["int8", "int4"]
 
 
 class ExportSpec(Section):
-    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"])
+    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"],
+                                 description="k-quants (q4_k_m, q5_k_m, q6_k) are made by llama.cpp's quantizer")
     onnx: bool = True
+    onnx_graph: Literal["kv_cache", "logits"] = Field("kv_cache", description="kv_cache: incremental decoding")
+    onnx_quant: list[OnnxQuant] = Field(default_factory=list, description="also write student-int8.onnx / -int4.onnx")
 
     @field_validator("gguf")
     def _unique(cls, v: list[str]) -> list[str]:
