@@ -192,7 +192,24 @@ def stage_eval(ctx: BuildContext) -> Artifact:
                 m.close()
     sizes = {o["path"]: o["bytes"] for o in ctx.manifest.stages["export"]["outputs"]}
     metrics["bytes"] = {rel: sizes[rel] for rel in exported_files(ctx)}
+    if ctx.recipe.eval.decode_tokens:
+        metrics["decode_tps"] = {rel: round(m.decode_tokens_per_s(ctx.recipe.eval.decode_tokens), 2)
+                                 for rel, m in zip(exported_files(ctx), _reopen(ctx))}
+    from .evaluate import check_gates
+    metrics["gates"] = check_gates(metrics, ctx.recipe.eval, exported_files(ctx))
     return Artifact([], metrics)
+
+
+def _reopen(ctx: BuildContext):
+    """Each exported file opened again (one at a time), for timing."""
+    for rel in exported_files(ctx):
+        if rel.endswith(".gguf"):
+            from .export.llamacpp import LlamaCppModel
+            with LlamaCppModel(ctx.path(rel), n_ctx=512) as m:
+                yield m
+        else:
+            from .export.ort import OnnxModel
+            yield OnnxModel(ctx.path(rel))
 
 
 def stage_devices(ctx: BuildContext) -> Artifact:

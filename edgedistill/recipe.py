@@ -82,6 +82,12 @@ class ExportSpec(Section):
 class EvalSpec(Section):
     windows: int = Field(24, ge=1, le=100_000, description="held-out windows for perplexity")
     seq_len: int = Field(256, ge=8, le=32768)
+    decode_tokens: int = Field(32, ge=0, le=4096, description="tokens decoded per exported file to time it (0: skip)")
+    # Gates on every exported file, against the torch student; a failed gate fails the build.
+    max_ppl_increase: float | None = Field(None, gt=0.0, description="e.g. 0.05: perplexity at most 5% above the student's")
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0, description="next-token argmax agreement with the student")
+    max_kl: float | None = Field(None, gt=0.0, description="mean KL(student || file) per token, nats")
+    min_decode_tps: float | None = Field(None, gt=0.0, description="decode tokens/s on this machine")
 
 
 class DevicesSpec(Section):
