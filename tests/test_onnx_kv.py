@@ -140,3 +140,17 @@ def test_export_cli(tmp_path, tiny_model_dir):
     assert OnnxModel(tmp_path / "q.onnx").has_cache
     r = CliRunner().invoke(app, ["export", str(tmp_path), "--to", "gguf", "--out", str(tmp_path / "x.gguf")])
     assert r.exit_code == 2 and "no config.json" in r.output
+
+
+def test_onnx_serve_backend(kv, tiny_model_dir):
+    from edgedistill.errors import ServeError
+    from edgedistill.serve.onnx_backend import OnnxBackend
+    b = OnnxBackend(kv[0], tiny_model_dir, n_ctx=256)
+    user = [{"role": "user", "content": "def add(a, b):"}]
+    r = b.chat(user, max_tokens=6, temperature=0.0, top_p=1.0, stop=[], seed=None)
+    assert r.finish_reason in ("stop", "length") and r.completion_tokens <= 6 and r.prompt_tokens > 5
+    assert r == b.chat(user, max_tokens=6, temperature=0.0, top_p=1.0, stop=[], seed=None)
+    s = b.chat(user, max_tokens=6, temperature=1.0, top_p=0.9, stop=[], seed=4)
+    assert s == b.chat(user, max_tokens=6, temperature=1.0, top_p=0.9, stop=[], seed=4)
+    with pytest.raises(ServeError, match="context window"):
+        b.chat([{"role": "user", "content": "x " * 400}], max_tokens=4, temperature=0.0, top_p=1.0, stop=[], seed=0)
