@@ -157,3 +157,14 @@ def test_cli_devices(build_dir):
     assert r.exit_code == 0 and "chosen for iphone-15-pro: export/student-q8_0.gguf" in r.output
     r = CliRunner().invoke(app, ["devices", "fit", str(build_dir), "--device", "toaster"])
     assert r.exit_code == 2 and "known devices" in r.output
+
+
+def test_onnx_candidate_counts_the_gathered_table_out(tmp_path):
+    from edgedistill.devices.fit import onnx_candidate
+    emb = SHAPE.vocab * SHAPE.hidden * 4
+    for name, size, read in (("m.onnx", emb + 1000, emb + 1000), ("m-int8.onnx", emb + 500, 500)):
+        p = tmp_path / name
+        p.write_bytes(b"\0" * size)
+        c = onnx_candidate([p], f"export/{name}", SHAPE)
+        assert (c.runtime, c.file_bytes, c.weight_read_bytes) == ("onnxruntime", size, read)
+        assert c.format == ("int8" if "int8" in name else "fp32")

@@ -124,13 +124,13 @@ _GGUF_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 15: "q4
 
 
 def onnx_candidate(files: list[Path], rel: str, shape: ModelShape, ppl: float | None = None) -> Candidate:
-    """An ONNX model (and its external data): int8/int4 from the file name, fp32 otherwise."""
+    """An ONNX model (and its external data): int8/int4 from the file name, fp32 otherwise. The fp32 embedding
+    table is only gathered from, unless it doubles as the fp32 output head (tied, unquantized)."""
     stem = Path(rel).stem.lower()
     fmt = next((f for f in ("int8", "int4") if stem.endswith(f)), "fp32")
     size = sum(f.stat().st_size for f in files)
-    emb = shape.vocab * shape.hidden * {"fp32": 4, "int8": 1, "int4": 1}[fmt]
-    read = size - (0 if shape.tied else emb)
-    return Candidate(rel, "onnxruntime", fmt, size, max(read, 0), ppl)
+    gathered = 0 if (fmt == "fp32" and shape.tied) else shape.vocab * shape.hidden * 4
+    return Candidate(rel, "onnxruntime", fmt, size, max(size - gathered, 0), ppl)
 
 
 @dataclass
