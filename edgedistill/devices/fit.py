@@ -35,7 +35,8 @@ class RuntimeFacts:
 
 
 # Calibrated with llama.cpp 0.3.36 on one thread of the build host (SmolLM2-135M-Instruct f16/q8_0/q4_0):
-# after the streaming time, the rest of a decode step is ~0.27 GFLOP at ~6.5% (median of f16/q8_0/q4_0: 0.070, 0.065, 0.058) of the host's fp32 GEMM rate.
+# after the streaming time, the rest of a decode step is ~0.27 GFLOP at ~6.5% of the host's fp32 GEMM rate
+# (medians over 3 rounds for f16 / q8_0 / q4_0: 0.070, 0.065, 0.058).
 # onnxruntime's matvec efficiency is calibrated the same way on its fp32 KV-cache graph.
 RUNTIMES: dict[str, RuntimeFacts] = {
     "llama.cpp": RuntimeFacts(kv_bytes=2, prefill_chunk=512, overhead_bytes=int(40 * MB),
