@@ -42,20 +42,22 @@ def bench_model(label: str, model_dir: Path, tmp: Path, win: list[list[int]], to
 
     files: dict[str, Path] = {}
     t0 = time.perf_counter()
+
+    def make(name: str, path: Path, write) -> None:
+        if not path.is_file():  # --work keeps files between runs (exports are minutes on a busy CPU)
+            write(path)
+        files[name] = path
+
     for t in ("f32", "f16", "q8_0", "q4_0", "q4_1"):
-        files[f"gguf {t} (ours)"] = tmp / f"{label}-{t}.gguf"
-        write_gguf(model_dir, files[f"gguf {t} (ours)"], t)
+        make(f"gguf {t} (ours)", tmp / f"{label}-{t}.gguf", lambda p, t=t: write_gguf(model_dir, p, t))
     for t, ftype in (("q8_0", 7), ("q4_0", 2), ("q4_1", 3), ("q4_k_m", LLAMACPP_TYPES["q4_k_m"])):
-        files[f"gguf {t} (llama.cpp quantizer)"] = tmp / f"{label}-lcpp-{t}.gguf"
-        quantize_with_llamacpp(files["gguf f32 (ours)"], files[f"gguf {t} (llama.cpp quantizer)"], ftype)
+        make(f"gguf {t} (llama.cpp quantizer)", tmp / f"{label}-lcpp-{t}.gguf",
+             lambda p, f=ftype: quantize_with_llamacpp(files["gguf f32 (ours)"], p, f))
     if anchor is not None:
         files["gguf q4_1 (llama.cpp convert, shipped)"] = anchor
-    onnx_fp32 = tmp / f"{label}.onnx"
-    export_onnx(model_dir, onnx_fp32, graph="kv_cache")
-    files["onnx fp32"] = onnx_fp32
+    make("onnx fp32", tmp / f"{label}.onnx", lambda p: export_onnx(model_dir, p, graph="kv_cache"))
     for kind in ("int8", "int4"):
-        files[f"onnx {kind}"] = tmp / f"{label}-{kind}.onnx"
-        quantize_onnx(onnx_fp32, files[f"onnx {kind}"], kind)
+        make(f"onnx {kind}", tmp / f"{label}-{kind}.onnx", lambda p, k=kind: quantize_onnx(files["onnx fp32"], p, k))
     print(f"[{label}] wrote {len(files)} files in {time.perf_counter() - t0:.0f}s", flush=True)
 
     runners, opened = {"torch fp32": torch_logits_fn(load_causal_lm(str(model_dir)))}, {}
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--work", default=None, help="folder for the exported files, kept and reused (default: temporary)")
     a = ap.parse_args()
 
     from edgedistill.data.text import load_corpus
@@ -102,7 +105,9 @@ def main() -> None:
     win = windows(token_stream(tok, corpus.heldout, max_tokens=a.windows * a.seq_len), a.seq_len, a.windows)
     sdir, sname = student_dir()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="export-quality-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="export-quality-") as scratch:
+        tmp = a.work or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for label in a.models.split(","):
             model_dir = TEACHER if label == "teacher" else sdir
             anchor = SHIPPED_Q4_1 if label == "teacher" and SHIPPED_Q4_1.is_file() else None
