@@ -106,14 +106,6 @@ def test_quantized_graphs_agree_with_fp32(kv, tmp_path, text_ids, kind, min_top1
     assert len(list(q.generate(text_ids[:5].tolist(), 8))) == 8
 
 
-def test_logits_graph_still_generates(tmp_path, tiny_model_dir, kv, text_ids):
-    from edgedistill.export.onnx import export_onnx
-    export_onnx(tiny_model_dir, tmp_path / "plain.onnx", graph="logits")
-    plain = OnnxModel(tmp_path / "plain.onnx", threads=1)
-    assert not plain.has_cache
-    assert list(plain.generate(text_ids[:6].tolist(), 10)) == list(OnnxModel(kv[0]).generate(text_ids[:6].tolist(), 10))
-
-
 def test_bad_quantization_inputs(tmp_path, kv):
     from edgedistill.export.onnx_quant import quantize_onnx
     with pytest.raises(ExportError, match="expected one of"):
