@@ -23,7 +23,7 @@ from .errors import EdgeDistillError
 from .progress import console
 from .recipe import Recipe
 
-STAGE_ORDER = ["teacher", "student_init", "distill", "compress", "export", "eval", "report"]
+STAGE_ORDER = ["teacher", "student_init", "distill", "compress", "export", "eval", "devices", "report"]
 VERSIONED = ["torch", "transformers", "tokenizers", "safetensors", "gguf", "onnx", "onnxruntime", "onnxscript",
              "llama_cpp_python", "numpy", "fastapi"]
 
@@ -163,8 +163,13 @@ def stage_export(ctx: BuildContext) -> Artifact:
             metrics["gguf"][f"export/{name}"] = {**info, "from_codes": codes is not None}
         if exp.onnx:
             from .export.onnx import export_onnx
-            info = export_onnx(compressed / "model" if reshaped else ctx.path("student"), tmp / "student.onnx")
-            metrics["onnx"] = {k: v for k, v in info.items() if k != "files"}
+            from .export.onnx_quant import quantize_onnx
+            info = export_onnx(compressed / "model" if reshaped else ctx.path("student"), tmp / "student.onnx",
+                               graph=exp.onnx_graph)
+            metrics["onnx"] = {k: v for k, v in info.items() if k not in ("files", "inputs", "outputs")}
+            metrics["onnx"]["graph"] = exp.onnx_graph
+            for kind in exp.onnx_quant:
+                metrics[f"onnx_{kind}"] = quantize_onnx(tmp / "student.onnx", tmp / f"student-{kind}.onnx", kind)
     return Artifact([dest], metrics)
 
 
@@ -198,7 +203,35 @@ def stage_eval(ctx: BuildContext) -> Artifact:
                 m.close()
     sizes = {o["path"]: o["bytes"] for o in ctx.manifest.stages["export"]["outputs"]}
     metrics["bytes"] = {rel: sizes[rel] for rel in exported_files(ctx)}
+    if ctx.recipe.eval.decode_tokens:
+        metrics["decode_tps"] = {rel: round(m.decode_tokens_per_s(ctx.recipe.eval.decode_tokens), 2)
+                                 for rel, m in zip(exported_files(ctx), _reopen(ctx))}
+    from .evaluate import check_gates
+    metrics["gates"] = check_gates(metrics, ctx.recipe.eval, exported_files(ctx))
     return Artifact([], metrics)
+
+
+def _reopen(ctx: BuildContext):
+    """Each exported file opened again (one at a time), for timing."""
+    for rel in exported_files(ctx):
+        if rel.endswith(".gguf"):
+            from .export.llamacpp import LlamaCppModel
+            with LlamaCppModel(ctx.path(rel), n_ctx=512) as m:
+                yield m
+        else:
+            from .export.ort import OnnxModel
+            yield OnnxModel(ctx.path(rel))
+
+
+def stage_devices(ctx: BuildContext) -> Artifact:
+    from .devices.plan import fit_build, place_for_device
+    d = ctx.recipe.devices
+    outputs, metrics = [], {}
+    for device in d.targets:
+        report = fit_build(ctx.out_dir, device, context=d.context, ppl_tolerance=d.ppl_tolerance)
+        outputs.append(place_for_device(ctx.out_dir, report))
+        metrics[device] = report
+    return Artifact(outputs, metrics)
 
 
 def stage_report(ctx: BuildContext) -> Artifact:
@@ -208,7 +241,8 @@ def stage_report(ctx: BuildContext) -> Artifact:
 
 STAGES: dict[str, Callable[[BuildContext], Artifact]] = {
     "teacher": stage_teacher, "student_init": stage_student_init, "distill": stage_distill,
-    "compress": stage_compress, "export": stage_export, "eval": stage_eval, "report": stage_report,
+    "compress": stage_compress, "export": stage_export, "eval": stage_eval, "devices": stage_devices,
+    "report": stage_report,
 }
 
 
@@ -230,8 +264,10 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
     if name == "eval":
         return {s: fp(s) for s in ("teacher", "student_init", "distill", "compress", "export")} | {
             "eval": r.eval.model_dump(), "data": r.data.model_dump()}
+    if name == "devices":
+        return {"export": fp("export"), "eval": fp("eval"), "devices": r.devices.model_dump()}
     if name == "report":
-        return {"eval": fp("eval"), "distill": fp("distill"), "export": fp("export")}
+        return {"eval": fp("eval"), "distill": fp("distill"), "export": fp("export"), "devices": fp("devices")}
     raise KeyError(name)
 
 

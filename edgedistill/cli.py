@@ -193,6 +193,64 @@ def distill_cmd(
     print(f"Student: {out}")
 
 
+@app.command("export")
+def export_cmd(model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json + safetensors)"),
+               to: str = typer.Option(..., "--to", help="gguf[:TYPE] (f32 f16 q8_0 q4_0 q4_1 q4_k_m q5_k_m q6_k; "
+                                                        "default f16) or onnx[:int8|int4] (default fp32)"),
+               out: Path = typer.Option(..., "--out", help="output file (.gguf / .onnx)")) -> None:
+    """Export a model folder to GGUF or ONNX (with KV cache), checked as it is written."""
+    from .export.cli import export_model
+    try:
+        info = export_model(model_dir, to, out)
+    except EdgeDistillError as e:
+        _fail(e)
+        return
+    print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB, {info['what']})")
+    if info.get("fallback"):
+        print(f"  tensors in a fallback type: {info['fallback']}")
+
+
+devices_app = typer.Typer(no_args_is_help=True, help="Device profiles and fitting a build to a device.")
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.command("list")
+def devices_list(measure: bool = typer.Option(False, "--measure", help="also benchmark this machine for `host`")) -> None:
+    """Known device profiles: memory budget, bandwidth, compute, context."""
+    from .devices.profiles import known_devices, load_profile
+    print(f"{'device':<22} {'RAM GB':>7} {'budget GB':>9} {'GB/s':>7} {'GFLOP/s':>8} {'context':>8}  runtimes")
+    for name in known_devices():
+        p = load_profile(name, measure=measure)
+        note = "  (measured on use)" if p.measure and not measure else ""
+        print(f"{name:<22} {p.ram_gb:>7.1f} {p.budget_gb:>9.1f} {p.memory_bandwidth_gbs:>7.1f} "
+              f"{p.compute_gflops:>8.0f} {p.default_context:>8}  {', '.join(p.runtimes)}{note}")
+
+
+@devices_app.command("fit")
+def devices_fit(out_dir: Path = typer.Argument(..., help="build folder"),
+                device: str = typer.Option(..., "--device", help="profile name (see `edgedistill devices list`)"),
+                context: Optional[int] = typer.Option(None, "--context", help="context length (default: the profile's)"),
+                as_json: bool = typer.Option(False, "--json", help="print the full fit report as JSON")) -> None:
+    """Which exported file fits DEVICE, with memory and predicted speed for every file."""
+    import json
+
+    from .devices.plan import fit_build
+    try:
+        rep = fit_build(out_dir, device, context=context)
+    except EdgeDistillError as e:
+        _fail(e)
+        return
+    if as_json:
+        print(json.dumps(rep, indent=2))
+        return
+    print(f"{'file':<34} {'format':>7} {'MB':>7} {'of budget':>9} {'decode tok/s':>12} {'prefill tok/s':>13}")
+    for f in rep["fits"]:
+        mark = "*" if f["path"] == rep["choice"]["path"] else " " if f["fits"] and f["supported"] else "x"
+        print(f"{mark}{f['path']:<33} {f['format']:>7} {f['total_mb']:>7.0f} {f['budget_mb']:>9.0f} "
+              f"{f['decode_tps']:>12.1f} {f['prefill_tps']:>13.0f}")
+    print(f"chosen for {device}: {rep['choice']['path']}")
+
+
 def main() -> None:
     app()
 

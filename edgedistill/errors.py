@@ -35,3 +35,7 @@ class EvalError(EdgeDistillError):
 
 class ServeError(EdgeDistillError):
     """The server could not start (bad artifact folder, missing files...)."""
+
+
+class DeviceError(EdgeDistillError):
+    """An unknown device, an invalid profile, or no exported file fits the device."""

@@ -70,3 +70,34 @@ def evaluate(windows: list[list[int]], runners: dict[str, LogitsFn], reference: 
         out["top1_agreement"] = {k: v / count for k, v in agree.items()}
         out["kl_to_reference"] = {k: v / count for k, v in kl.items()}
     return out
+
+
+def check_gates(metrics: dict, spec, files: list[str]) -> dict:
+    """Apply the recipe's eval gates to every exported file; EvalError naming each file and figure that fails.
+    Returns {file: "pass"} when all pass."""
+    from .errors import EvalError
+
+    ref = metrics.get("reference")
+    failures = []
+    for f in files:
+        checks = []
+        if spec.max_ppl_increase is not None and ref is not None:
+            inc = metrics["ppl"][f] / metrics["ppl"][ref] - 1
+            checks.append((inc <= spec.max_ppl_increase,
+                           f"perplexity {metrics['ppl'][f]:.3f} is {inc:+.2%} vs the {ref}'s "
+                           f"{metrics['ppl'][ref]:.3f} (eval.max_ppl_increase {spec.max_ppl_increase:.2%})"))
+        if spec.min_top1_agreement is not None and f in metrics.get("top1_agreement", {}):
+            t = metrics["top1_agreement"][f]
+            checks.append((t >= spec.min_top1_agreement,
+                           f"top-1 agreement {t:.4f} (eval.min_top1_agreement {spec.min_top1_agreement})"))
+        if spec.max_kl is not None and f in metrics.get("kl_to_reference", {}):
+            k = metrics["kl_to_reference"][f]
+            checks.append((k <= spec.max_kl, f"KL to {ref} {k:.5f} (eval.max_kl {spec.max_kl})"))
+        if spec.min_decode_tps is not None and f in metrics.get("decode_tps", {}):
+            d = metrics["decode_tps"][f]
+            checks.append((d >= spec.min_decode_tps, f"decode {d:.1f} tokens/s (eval.min_decode_tps {spec.min_decode_tps})"))
+        failures += [f"{f}: {msg}" for ok, msg in checks if not ok]
+    if failures:
+        raise EvalError("quality gates failed:\n  " + "\n  ".join(failures)
+                        + "\nLoosen the gate in the recipe's eval section, or export a more precise type.")
+    return {f: "pass" for f in files}

@@ -107,12 +107,16 @@ class CompressSpec(Section):
         return self
 
 
-GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_1"]
+GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]
+OnnxQuant = Literal["int8", "int4"]
 
 
 class ExportSpec(Section):
-    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"])
+    gguf: list[GgufType] = Field(default_factory=lambda: ["f16", "q8_0"],
+                                 description="k-quants (q4_k_m, q5_k_m, q6_k) are made by llama.cpp's quantizer")
     onnx: bool = True
+    onnx_graph: Literal["kv_cache", "logits"] = Field("kv_cache", description="kv_cache: incremental decoding")
+    onnx_quant: list[OnnxQuant] = Field(default_factory=list, description="also write student-int8.onnx / -int4.onnx")
 
     @field_validator("gguf")
     def _unique(cls, v: list[str]) -> list[str]:
@@ -124,6 +128,31 @@ class ExportSpec(Section):
 class EvalSpec(Section):
     windows: int = Field(24, ge=1, le=100_000, description="held-out windows for perplexity")
     seq_len: int = Field(256, ge=8, le=32768)
+    decode_tokens: int = Field(32, ge=0, le=4096, description="tokens decoded per exported file to time it (0: skip)")
+    # Gates on every exported file, against the torch student; a failed gate fails the build.
+    max_ppl_increase: float | None = Field(None, gt=0.0, description="e.g. 0.05: perplexity at most 5% above the student's")
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0, description="next-token argmax agreement with the student")
+    max_kl: float | None = Field(None, gt=0.0, description="mean KL(student || file) per token, nats")
+    min_decode_tps: float | None = Field(None, gt=0.0, description="decode tokens/s on this machine")
+
+
+class DevicesSpec(Section):
+    targets: list[str] = Field(default_factory=lambda: ["host"],
+                               description="device profiles to fit (see `edgedistill devices list`)")
+    context: int | None = Field(None, ge=16, le=1_048_576, description="context length; default: each profile's")
+    ppl_tolerance: float = Field(0.01, ge=0.0, le=1.0,
+                                 description="files within this relative perplexity of the best count as equal; "
+                                             "the fastest of them is chosen")
+
+    @field_validator("targets")
+    def _known(cls, v: list[str]) -> list[str]:
+        from .devices.profiles import known_devices
+        unknown = [d for d in v if d not in known_devices()]
+        if unknown:
+            raise ValueError(f"unknown device(s) {unknown}; known devices: {known_devices()}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate devices in {v}")
+        return v
 
 
 class Recipe(Section):
@@ -135,6 +164,7 @@ class Recipe(Section):
     compress: CompressSpec = Field(default_factory=CompressSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    devices: DevicesSpec = Field(default_factory=DevicesSpec)
 
     @model_validator(mode="after")
     def _codes_are_exported(self) -> "Recipe":

@@ -49,6 +49,19 @@ def _plot(path: Path, ppl: dict[str, float], sizes: dict[str, int], loss_curve: 
         tmp.write_bytes(buf.getvalue())
 
 
+def _devices_section(devices: dict) -> list[str]:
+    if not devices:
+        return []
+    lines = ["", "## Target devices (predicted)", "",
+             "| device | chosen file | memory (MB of budget) | decode tok/s | prefill tok/s |",
+             "|---|---|---:|---:|---:|"]
+    for name, rep in devices.items():
+        c = rep["choice"]
+        lines.append(f"| {name} | `{c['path']}` ({c['format']}) | {c['total_mb']:.0f} / {c['budget_mb']:.0f} | "
+                     f"{c['decode_tps']:.1f} | {c['prefill_tps']:.0f} |")
+    return lines
+
+
 def write_report(out_dir: Path, manifest: Manifest) -> list[Path]:
     st = manifest.stages
     ev = st["eval"]["metrics"]
@@ -71,13 +84,16 @@ def write_report(out_dir: Path, manifest: Manifest) -> list[Path]:
         f"KD loss {dist['loss_first']:.3f} → {dist['loss_last']:.3f}.", "",
         "![perplexity, size and loss](report.png)", "",
         f"## Held-out evaluation ({ev['windows']} windows, {ev['tokens']:,} predicted tokens)", "",
-        "| variant | perplexity | top-1 agreement vs torch student | KL to torch student | size |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | perplexity | top-1 agreement vs torch student | KL to torch student | size | decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    tps = ev.get("decode_tps", {})
     for name, value in ppl.items():
         t = f"{top1[name]:.4f}" if name in top1 else "—"
         k = f"{kl[name]:.5f}" if name in kl else "—"
-        lines.append(f"| `{name}` | {value:.3f} | {t} | {k} | {_fmt_bytes(sizes.get(name))} |")
+        d = f"{tps[name]:.1f}" if name in tps else "—"
+        lines.append(f"| `{name}` | {value:.3f} | {t} | {k} | {_fmt_bytes(sizes.get(name))} | {d} |")
+    lines += _devices_section(st.get("devices", {}).get("metrics", {}))
     lines += ["", "## Stages", "", "| stage | seconds | outputs |", "|---|---:|---:|"]
     for name, rec in st.items():
         if name == "report":

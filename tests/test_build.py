@@ -94,6 +94,30 @@ def test_cli_bad_recipe_fails_before_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_devices_stage_places_the_chosen_file(built):
+    out, manifest, _ = built
+    dev = manifest.stages["devices"]["metrics"]["host"]
+    chosen = dev["choice"]["path"]
+    assert chosen in {o["path"] for o in manifest.stages["export"]["outputs"]}
+    placed = out / "host" / chosen.split("/")[-1]
+    assert placed.is_file() and json.loads((out / "host" / "device.json").read_text())["device"] == "host"
+    assert dev["profile"]["memory_bandwidth_gbs"] > 0 and dev["choice"]["decode_tps"] > 0
+    ev = manifest.stages["eval"]["metrics"]
+    assert set(ev["decode_tps"]) == {"export/student-f16.gguf", "export/student-q8_0.gguf", "export/student.onnx"}
+    assert all(v > 0 for v in ev["decode_tps"].values()) and set(ev["gates"].values()) == {"pass"}
+    assert "## Target devices" in (out / "report.md").read_text() and "decode tok/s" in (out / "report.md").read_text()
+
+
+def test_failed_gate_fails_the_build_naming_file_and_figure(built, tiny_model_dir):
+    from edgedistill.errors import EvalError
+    out, _, _ = built
+    with pytest.raises(EvalError, match=r"export/student-q8_0.gguf: KL to student [0-9.]+ \(eval.max_kl 1e-09\)"):
+        run_build(tiny_recipe(tiny_model_dir, eval={"windows": 3, "max_kl": 1e-9}), out, log=lambda m: None)
+    manifest = run_build(tiny_recipe(tiny_model_dir, eval={"windows": 3, "max_ppl_increase": 0.5}), out,
+                         log=lambda m: None)
+    assert set(manifest.stages["eval"]["metrics"]["gates"].values()) == {"pass"}
+
+
 def test_cli_serves_the_build_to_the_openai_client(built):
     """`edgedistill serve OUT_DIR` on a real build folder answers the official client over a socket."""
     import socket

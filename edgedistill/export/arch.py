@@ -7,9 +7,9 @@ metadata. The byte-level BPE pre-tokenizers llama.cpp knows are a second table.
 The mechanism that reads these tables lives in `gguf.py`.
 
 Adding a model family is adding a row: Mistral is the Llama row under another
-class name; Qwen2 is the `qwen2` arch with q/k/v biases and no permutation
-(llama.cpp applies NeoX-style RoPE to it); Phi-3 additionally needs a split
-rule for its fused `qkv_proj`.
+class name (without a sliding window); Qwen2 is the `qwen2` arch with q/k/v
+biases and no permutation (llama.cpp applies NeoX-style RoPE to it). Phi-3
+(fused `qkv_proj` / `gate_up_proj`) is not supported yet.
 """
 from __future__ import annotations
 
@@ -91,15 +91,43 @@ _LLAMA_DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
     "tie_word_embeddings": lambda c: False,
 }
 
+# HF stores Q/K rows in the rotate-half layout; llama.cpp's llama arch expects interleaved pairs.
+_LLAMA_PERMUTE = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+
+
+def _no_sliding_window(c: dict[str, Any]) -> bool:
+    """llama.cpp's llama/qwen2 graphs attend to the whole context: a window only as long as the context is fine."""
+    w = c.get("sliding_window")
+    return not c.get("use_sliding_window", w is not None) or w is None or w >= c["max_position_embeddings"]
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(
         gguf_arch="llama",
         tensors=_LLAMA_TENSORS,
-        # HF stores Q/K rows in the rotate-half layout; llama.cpp's llama arch expects interleaved pairs.
-        permute={"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"},
+        permute=_LLAMA_PERMUTE,
         metadata=_LLAMA_METADATA,
         derived=_LLAMA_DERIVED,
         requires={"hidden_act": ("silu",), "rope_type": ("default",)},
+    ),
+    # Mistral is Llama with an optional sliding window, which llama.cpp's llama graph does not apply.
+    "MistralForCausalLM": ArchSpec(
+        gguf_arch="llama",
+        tensors=_LLAMA_TENSORS,
+        permute=_LLAMA_PERMUTE,
+        metadata=_LLAMA_METADATA,
+        derived={**_LLAMA_DERIVED, "no_sliding_window": _no_sliding_window},
+        requires={"hidden_act": ("silu",), "rope_type": ("default",), "no_sliding_window": (True,)},
+    ),
+    # Qwen2: biases on q/k/v (kept by the ".bias" suffix rule); llama.cpp applies NeoX-style (rotate-half)
+    # RoPE to it, which is HF's layout already, so no permutation.
+    "Qwen2ForCausalLM": ArchSpec(
+        gguf_arch="qwen2",
+        tensors=_LLAMA_TENSORS,
+        permute={},
+        metadata=_LLAMA_METADATA,
+        derived={**_LLAMA_DERIVED, "no_sliding_window": _no_sliding_window},
+        requires={"hidden_act": ("silu",), "rope_type": ("default",), "no_sliding_window": (True,)},
     ),
 }
 

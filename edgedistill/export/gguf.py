@@ -7,6 +7,7 @@ written from codes holds exactly the weights torch evaluated.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from ..errors import ExportError
 from . import arch
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+# Types made by llama.cpp's own quantizer (llama_model_quantize) from an f32 GGUF we write: llama_ftype ids.
+LLAMACPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 F16_MAX = 65504.0
 
 
@@ -228,15 +231,19 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f16",
                codes: dict[str, grids.QuantCodes] | None = None) -> dict[str, Any]:
     """Export an HF checkpoint folder to GGUF.
 
-    dtype sets the type of every 2-D weight: f32, f16, or a block grid (q8_0, q4_0, q4_1). 1-D tensors
+    dtype sets the type of every 2-D weight: f32, f16, or a block grid (q8_0, q4_0, q4_1); k-quants
+    (q4_k_m, q5_k_m, q6_k) go through llama.cpp's quantizer (`write_gguf_llamacpp`). 1-D tensors
     stay f32. A tensor with an entry in `codes` (keyed by HF parameter name) is written losslessly in its
     codes' grid whatever `dtype` says; other grid tensors are quantized here with the same grid code.
     Weights whose input dimension is not a multiple of 32 fall back to f16 (listed under "fallback").
     """
     import gguf
 
+    if dtype in LLAMACPP_TYPES and not codes:
+        return write_gguf_llamacpp(model_dir, out_path, dtype)
     if dtype not in DTYPES:
-        raise ExportError(f"unknown GGUF dtype '{dtype}'; expected one of {list(DTYPES)}.")
+        raise ExportError(f"unknown GGUF dtype '{dtype}'; expected one of {list(DTYPES) + list(LLAMACPP_TYPES)} "
+                          f"(k-quants without codes only).")
     model_dir, codes = Path(model_dir), dict(codes or {})
     config = _read_json(model_dir / "config.json", "config.json")
     spec = arch.spec_for(config)
@@ -306,3 +313,46 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f16",
     size = Path(out_path).stat().st_size
     return {"type": dtype, "bytes": size, "arch": spec.gguf_arch, "pre_tokenizer": vocab.pre,
             "tied_embeddings": tied, "tensor_types": dict(counts), "fallback": fallback}
+
+
+# ---------------------------------------------------------------- llama.cpp's quantizer
+def quantize_with_llamacpp(src: str | Path, dst: str | Path, ftype: int, *, threads: int | None = None) -> None:
+    """llama_model_quantize(src -> dst) with llama.cpp's defaults (k-quant mixes, fallbacks for unfit shapes)."""
+    import llama_cpp
+
+    from .llamacpp import _captured_llama_log
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = int(threads or 0)
+    with atomic_path(dst) as tmp, _captured_llama_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp's quantizer failed on {src} (ftype {ftype}): "
+                              f"{''.join(log).strip() or f'return code {rc}'}. Re-export the f32 GGUF and retry.")
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def write_gguf_llamacpp(model_dir: str | Path, out_path: str | Path, dtype: str) -> dict[str, Any]:
+    """A k-quant GGUF: our f32 GGUF, quantized by llama.cpp. Tensors llama.cpp stored in a type other than
+    the nominal one (shapes off its 256-wide super-blocks, or its mix rules) are listed under "fallback"."""
+    import tempfile
+
+    if dtype not in LLAMACPP_TYPES:
+        raise ExportError(f"'{dtype}' is not a llama.cpp quantizer type; expected one of {sorted(LLAMACPP_TYPES)}.")
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        info = write_gguf(model_dir, f32, "f32")
+        quantize_with_llamacpp(f32, out_path, LLAMACPP_TYPES[dtype])
+    types = gguf_tensor_types(out_path)
+    nominal = dtype.split("_")[0].upper() + "_K"  # q4_k_m -> Q4_K
+    counts = Counter(types.values())
+    fallback = {n: t for n, t in types.items() if t != nominal and not n.endswith("norm.weight")}
+    return {**info, "type": dtype, "bytes": out_path.stat().st_size, "tensor_types": dict(counts),
+            "fallback": fallback, "quantizer": "llama.cpp"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -90,6 +91,21 @@ class LlamaCppModel:
         self._llm.reset()
         self._llm.eval(tokens)  # decodes in n_batch chunks, keeping every position's logits
         return np.array(self._llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+
+    def decode_tokens_per_s(self, n_tokens: int = 64, prompt: list[int] | None = None) -> float:
+        """Greedy single-token decode speed after a short prompt (prefill excluded): 1 / the median step time,
+        so a step the OS preempted on a shared machine does not count."""
+        prompt = prompt or list(range(1, 33))
+        self._llm.reset()
+        self._llm.eval(prompt)
+        tok = int(np.argmax(self._llm.scores[len(prompt) - 1]))
+        steps = []
+        for _ in range(n_tokens):
+            t0 = time.perf_counter()
+            self._llm.eval([tok])
+            tok = int(np.argmax(self._llm.scores[self._llm.n_tokens - 1]))
+            steps.append(time.perf_counter() - t0)
+        return 1.0 / float(np.median(steps))
 
     def close(self) -> None:
         llm = getattr(self, "_llm", None)

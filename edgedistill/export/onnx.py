@@ -1,10 +1,12 @@
 """Export a Hugging Face causal LM to ONNX with the dynamo exporter.
 
 A *graph* is a small wrapper module that fixes the ONNX signature (input and
-output names, dynamic axes, example inputs). Today there is one, `logits`:
-input_ids int64 [batch, seq] -> logits float32 [batch, seq, vocab], positions
-0..seq-1, no padding mask, no KV cache. A KV-cache graph is one more wrapper
-plus one more `GraphSpec` in `GRAPHS`; `export_onnx` itself does not change.
+output names, dynamic axes, example inputs). `logits`: input_ids int64
+[batch, seq] -> logits float32 [batch, seq, vocab], positions 0..seq-1, no
+padding mask. `kv_cache`: the same plus past_key_values.{i}.key/value
+[batch, kv_heads, past, head_dim] in and present.{i}.key/value
+[batch, kv_heads, past + seq, head_dim] out (positions past..past+seq-1), so
+decoding is incremental; past may be 0 for the first step.
 
 The file is written atomically: the exporter saves into a temporary sibling
 folder under the final file name (so an external-data reference stays valid),
@@ -63,6 +65,65 @@ def _logits_probes(model: Any) -> list[tuple[Any, ...]]:
     return [(torch.randint(0, v, (2, 5), generator=g),), (torch.randint(0, v, (1, 1), generator=g),)]
 
 
+def _kv_names(model: Any) -> tuple[list[str], list[str]]:
+    n = model.config.num_hidden_layers
+    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    return past, present
+
+
+def _kv_module(model: Any) -> Any:
+    import torch
+    from transformers import DynamicCache
+
+    class KVCacheGraph(torch.nn.Module):
+        """input_ids [B, T] + per layer past key/value [B, kv_heads, P, head_dim] ->
+        logits [B, T, V] + present key/value [B, kv_heads, P + T, head_dim]; positions P..P+T-1, no padding."""
+
+        def __init__(self, lm: Any):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+            out = self.lm(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return KVCacheGraph(model)
+
+
+def kv_shape(config: Any) -> tuple[int, int]:
+    """(kv heads, head dim) of the cache tensors."""
+    heads = config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def _kv_inputs(model: Any, batch: int, seq: int, past: int, seed: int = 0) -> tuple[Any, ...]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    kv, hd = kv_shape(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    cache = [torch.randn(batch, kv, past, hd, generator=g) for _ in _kv_names(model)[0]]
+    return (ids, *cache)
+
+
+def _kv_example(model: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from torch.export import Dim
+
+    batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0)
+    args = _kv_inputs(model, 2, 3, 5)
+    shapes = ({0: batch, 1: seq}, *[{0: batch, 2: past} for _ in args[1:]])
+    return args, {"input_ids": shapes[0], "past": shapes[1:]}
+
+
+def _kv_probes(model: Any) -> list[tuple[Any, ...]]:
+    # The first step of a generation (no past), one decoded token, and a chunk after a longer past.
+    return [_kv_inputs(model, 1, 6, 0, 1), _kv_inputs(model, 2, 1, 9, 2), _kv_inputs(model, 1, 4, 17, 3)]
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """The ONNX signature of one exported variant."""
@@ -75,7 +136,17 @@ class GraphSpec:
 
 GRAPHS: dict[str, GraphSpec] = {
     "logits": GraphSpec(("input_ids",), ("logits",), _logits_module, _logits_example, _logits_probes),
+    "kv_cache": GraphSpec(("input_ids", "past_key_values.*"), ("logits", "present.*"), _kv_module, _kv_example,
+                          _kv_probes),
 }
+
+
+def io_names(spec: GraphSpec, model: Any) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, with `past_key_values.*` / `present.*` expanded per layer."""
+    past, present = _kv_names(model)
+    expand = {"past_key_values.*": past, "present.*": present}
+    return ([n for x in spec.inputs for n in expand.get(x, [x])],
+            [n for x in spec.outputs for n in expand.get(x, [x])])
 
 
 # ---------------------------------------------------------------- export
@@ -122,6 +193,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int | None =
     model = load_causal_lm(model_dir)
     module = spec.wrap(model).eval()
     args, dynamic_shapes = spec.example(model)
+    inputs, outputs = io_names(spec, model)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
@@ -130,7 +202,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int | None =
         try:
             with torch.no_grad(), _quiet():
                 program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                            input_names=list(spec.inputs), output_names=list(spec.outputs),
+                                            input_names=inputs, output_names=outputs,
                                             dynamic_shapes=dynamic_shapes, report=False, verify=False)
             program.save(tmp_model, external_data=external_data)
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; condense them all
@@ -143,12 +215,12 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int | None =
             raise ExportError(f"the exported ONNX graph failed onnx.checker: {_condense(e)}. "
                               "The exporter produced an invalid graph for this model/opset; retry with the "
                               "default opset, and report it with the model config if that fails too.") from e
-        verify_against_torch(module, tmp_model, spec, spec.probes(model))
+        verify_against_torch(module, tmp_model, spec, spec.probes(model), (inputs, outputs))
         info = describe_onnx(tmp_model)
         names = ([i["name"] for i in info["inputs"]], [o["name"] for o in info["outputs"]])
-        if names != (list(spec.inputs), list(spec.outputs)):
+        if names != (inputs, outputs):
             raise ExportError(f"the exported graph has inputs/outputs {names}; expected "
-                              f"{(list(spec.inputs), list(spec.outputs))}. This is an exporter bug; report it.")
+                              f"{(inputs, outputs)}. This is an exporter bug; report it.")
         files = _move_into_place(tmp_dir, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -157,7 +229,8 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int | None =
             "inputs": info["inputs"], "outputs": info["outputs"], "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def verify_against_torch(module: Any, path: Path, spec: GraphSpec, probes: list[tuple[Any, ...]]) -> None:
+def verify_against_torch(module: Any, path: Path, spec: GraphSpec, probes: list[tuple[Any, ...]],
+                         names: tuple[list[str], list[str]] | None = None) -> None:
     """Run each probe through torch and onnxruntime; a graph that only works for the traced
     shapes (a baked-in length, a fused op ORT rejects) fails here, before anything is in place."""
     import numpy as np
@@ -171,18 +244,19 @@ def verify_against_torch(module: Any, path: Path, spec: GraphSpec, probes: list[
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnxruntime refused the exported graph: {_condense(e)}. "
                           "Retry with the default opset.") from e
+    in_names, out_names = names or (list(spec.inputs), list(spec.outputs))
     for args in probes:
         with torch.no_grad():
             want = module(*args)
         want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else [want])]
         shape = tuple(args[0].shape)
         try:
-            got = session.run(list(spec.outputs), {n: a.numpy() for n, a in zip(spec.inputs, args)})
+            got = session.run(out_names, {n: a.numpy() for n, a in zip(in_names, args)})
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"the exported graph fails in onnxruntime for input shape {shape}: {_condense(e)}. "
                               "Retry with the default opset (fused ops of newer opsets may not "
                               "support every shape in onnxruntime).") from e
-        for name, w, g in zip(spec.outputs, want, got):
+        for name, w, g in zip(out_names, want, got):
             err = float(np.abs(w - g).max()) if w.shape == g.shape else float("inf")
             if not err <= VERIFY_ATOL * max(1.0, float(np.abs(w).max())):
                 raise ExportError(f"ONNX output {name!r} differs from torch for input shape {shape} "
@@ -240,6 +314,7 @@ def _quiet():
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
             yield
     finally:
         registry_log.setLevel(level)

@@ -1,0 +1,44 @@
+"""`edgedistill export MODEL_DIR --to gguf[:TYPE]|onnx[:int8|int4] --out PATH`: one format spec, one exporter."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExportError
+
+
+def parse_target(spec: str) -> tuple[str, str]:
+    """'gguf' -> ('gguf', 'f16'); 'gguf:q4_k_m'; 'onnx' -> ('onnx', 'fp32'); 'onnx:int8'."""
+    from .gguf import DTYPES, LLAMACPP_TYPES
+    from .onnx_quant import ONNX_QUANT
+
+    fmt, _, kind = spec.strip().lower().partition(":")
+    allowed = {"gguf": (*DTYPES, *LLAMACPP_TYPES), "onnx": ("fp32", *ONNX_QUANT)}
+    if fmt not in allowed:
+        raise ExportError(f"--to '{spec}': format must be gguf or onnx (e.g. gguf:q8_0, onnx:int8).")
+    kind = kind or allowed[fmt][1 if fmt == "gguf" else 0]
+    if kind not in allowed[fmt]:
+        raise ExportError(f"--to '{spec}': {fmt} type '{kind}' unknown; expected one of {list(allowed[fmt])}.")
+    return fmt, kind
+
+
+def export_model(model_dir: str | Path, spec: str, out: str | Path) -> dict[str, Any]:
+    fmt, kind = parse_target(spec)
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json).")
+    if fmt == "gguf":
+        from .gguf import write_gguf
+        info = write_gguf(model_dir, out, kind)
+        return {**info, "what": f"GGUF {kind}"}
+    from .onnx import export_onnx
+    if kind == "fp32":
+        info = export_onnx(model_dir, out, graph="kv_cache")
+        return {**info, "what": "ONNX fp32 with KV cache"}
+    from .onnx_quant import quantize_onnx
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        export_onnx(model_dir, Path(tmp) / "model.onnx", graph="kv_cache", external_data=False)
+        info = quantize_onnx(Path(tmp) / "model.onnx", out, kind)
+    return {**info, "what": f"ONNX {kind} with KV cache"}
