@@ -136,13 +136,21 @@ def test_export_cli(tmp_path, tiny_model_dir):
 
 def test_onnx_serve_backend(kv, tiny_model_dir):
     from edgedistill.errors import ServeError
+    from edgedistill.serve.backend import Prompt, generate
+    from edgedistill.serve.events import SamplingParams
     from edgedistill.serve.onnx_backend import OnnxBackend
     b = OnnxBackend(kv[0], tiny_model_dir, n_ctx=256)
-    user = [{"role": "user", "content": "def add(a, b):"}]
-    r = b.chat(user, max_tokens=6, temperature=0.0, top_p=1.0, stop=[], seed=None)
-    assert r.finish_reason in ("stop", "length") and r.completion_tokens <= 6 and r.prompt_tokens > 5
-    assert r == b.chat(user, max_tokens=6, temperature=0.0, top_p=1.0, stop=[], seed=None)
-    s = b.chat(user, max_tokens=6, temperature=1.0, top_p=0.9, stop=[], seed=4)
-    assert s == b.chat(user, max_tokens=6, temperature=1.0, top_p=0.9, stop=[], seed=4)
+    user = Prompt(messages=({"role": "user", "content": "def add(a, b):"},))
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, top_p=1.0, seed=0)
+    text, fin = generate(b, user, greedy)
+    assert fin.finish_reason in ("stop", "length") and fin.completion_tokens <= 6 and fin.prompt_tokens > 5
+    assert (text, fin) == generate(b, user, greedy)
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=4)
+    assert generate(b, user, sampled) == generate(b, user, sampled)
+    # A stop string cuts the text and never leaks into it.
+    if len(text) > 2:
+        cut, fin2 = generate(b, user, SamplingParams(max_tokens=6, temperature=0.0, seed=0, stop=(text[1:3],)))
+        assert cut == text[:text.find(text[1:3])] and fin2.finish_reason == "stop"
     with pytest.raises(ServeError, match="context window"):
-        b.chat([{"role": "user", "content": "x " * 400}], max_tokens=4, temperature=0.0, top_p=1.0, stop=[], seed=0)
+        b.start(Prompt(messages=({"role": "user", "content": "x " * 400},)), greedy, lambda ev: None)
+    b.close()

@@ -45,14 +45,20 @@ def block_importance(model, windows: list[list[int]]) -> list[float]:
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    _calibrate(model, windows, handles)
+    return (scores / counts.clamp(min=1)).tolist()
+
+
+def _calibrate(model, windows: list[list[int]], handles: list) -> None:
+    """Run the calibration windows through `model` (hooks collect what they need), then remove the hooks."""
     try:
         device = next(model.parameters()).device
-        for w in windows:
-            model(torch.tensor([w], device=device))
+        with torch.no_grad():
+            for w in windows:
+                model(torch.tensor([w], device=device))
     finally:
         for h in handles:
             h.remove()
-    return (scores / counts.clamp(min=1)).tolist()
 
 
 def choose_layers(importance: list[float], keep: int) -> list[int]:
@@ -148,13 +154,7 @@ def width_importance(model, windows: list[list[int]]) -> list[dict[str, torch.Te
             stats[i]["heads"] = h if stats[i]["heads"] is None else stats[i]["heads"] + h
 
         handles += [mlp.down_proj.register_forward_pre_hook(ffn_hook), attn.o_proj.register_forward_pre_hook(head_hook)]
-    try:
-        device = next(model.parameters()).device
-        for w in windows:
-            model(torch.tensor([w], device=device))
-    finally:
-        for h in handles:
-            h.remove()
+    _calibrate(model, windows, handles)
     return [{"ffn": s["ffn"] / max(s["n"], 1), "heads": s["heads"] / max(s["n"], 1)} for s in stats]
 
 

@@ -1,20 +1,46 @@
 """A `Backend` over an ONNX export: the chat template and tokenizer from the model folder, the
-onnxruntime generation loop (`export/ort.py`) for the tokens."""
+onnxruntime generation loop (`export/ort.py`) for the tokens.
+
+onnxruntime has no batched-sequence scheduler of ours yet, so requests run one at a time on a
+worker thread, in arrival order; `start` returns at once like every backend's.
+"""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable
 
 from ..errors import ServeError
-from .backend import ChatResult, ContextLengthExceeded
+from .backend import Prompt
+from .engine import ContextLengthExceeded, QueueFull
+from .events import Delta, Event, Failed, Finished, SamplingParams
+
+
+class _Cancel:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def cancel(self) -> None:
+        self.event.set()
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop sequence."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best
 
 
 class OnnxBackend:
-    """`OnnxBackend(onnx_path, tokenizer_dir)`: chat completions with an ONNX (KV-cache) graph on the CPU."""
+    """`OnnxBackend(onnx_path, tokenizer_dir)`: generation with an ONNX (KV-cache) graph on the CPU."""
 
     def __init__(self, onnx_path: str | Path, tokenizer_dir: str | Path, *, n_ctx: int = 2048,
-                 threads: int | None = None, name: str | None = None):
+                 threads: int | None = None, name: str | None = None, max_queue: int = 64):
         from transformers import AutoTokenizer
 
         from ..errors import ExportError
@@ -33,32 +59,76 @@ class OnnxBackend:
             raise ServeError(f"the tokenizer in {tokenizer_dir} has no chat template; cannot format messages.")
         self.name = name or Path(onnx_path).stem
         self.n_ctx = n_ctx
+        self.max_queue = max_queue
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-backend")
         self._lock = threading.Lock()
+        self._waiting = 0
+        self._active = 0
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int, temperature: float,
-             top_p: float, stop: Sequence[str], seed: int | None) -> ChatResult:
+    def render(self, prompt: Prompt) -> list[int]:
+        if prompt.messages is not None:
+            ids = self._tok.apply_chat_template([dict(m) for m in prompt.messages], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(self._tok(prompt.text or "", add_special_tokens=True)["input_ids"])
+
+    def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> _Cancel:
+        ids = self.render(prompt)
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthExceeded(f"the prompt has {len(ids)} tokens; the context window is {self.n_ctx}. "
+                                        "Shorten the messages.")
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are waiting; retry shortly.")
+            self._waiting += 1
+        handle = _Cancel()
+        self._pool.submit(self._run, ids, params, emit, handle)
+        return handle
+
+    def _run(self, ids: list[int], params: SamplingParams, emit: Callable[[Event], None], handle: _Cancel) -> None:
         from ..export.ort import Sampling
 
-        prompt = self._tok.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)
-        prompt = list(prompt["input_ids"] if isinstance(prompt, Mapping) else prompt)
-        if len(prompt) >= self.n_ctx:
-            raise ContextLengthExceeded(f"the prompt has {len(prompt)} tokens; the context window is {self.n_ctx}. "
-                                        "Shorten the messages.")
-        budget = min(max_tokens, self.n_ctx - len(prompt))
-        eos = [t for t in {self._tok.eos_token_id} if t is not None]
-        sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-        out: list[int] = []
-        text, finish = "", "length"
         with self._lock:
-            for tok in self._model.generate(prompt, budget, sampling, stop_ids=eos):
+            self._waiting -= 1
+            self._active += 1
+        try:
+            eos = [t for t in {self._tok.eos_token_id} if t is not None]
+            budget = min(params.max_tokens, self.n_ctx - len(ids))
+            sampling = Sampling(temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+            out: list[int] = []
+            sent, finish = 0, "length"
+            for tok in self._model.generate(ids, budget, sampling, stop_ids=eos):
+                if handle.event.is_set():
+                    return
                 if tok in eos:
                     finish = "stop"
                     break
                 out.append(tok)
                 text = self._tok.decode(out, skip_special_tokens=True)
-                cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
+                    emit(Delta(text[sent:], 1))
+                    sent = len(text)
                     break
-        return ChatResult(text=text, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=len(out))
+                ready = len(text) - _held_back(text, params.stop)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                    ready = min(ready, len(text) - 1)
+                emit(Delta(text[sent:ready] if ready > sent else "", 1))
+                sent = max(sent, ready)
+            else:
+                text = self._tok.decode(out, skip_special_tokens=True)
+                if len(text) > sent:
+                    emit(Delta(text[sent:], 0))
+            emit(Finished(finish, len(ids), len(out)))
+        except Exception as e:  # the client gets a clean error, never a hang
+            emit(Failed(f"onnxruntime generation failed: {e}"))
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def load(self) -> dict[str, int]:
+        return {"queue_depth": self._waiting, "active": self._active, "slots": 1}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
