@@ -54,14 +54,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _layers_prefix(model) -> str:
-    blocks = decoder_blocks(model)
-    for name, mod in model.named_modules():
-        if mod is blocks:
-            return name + "."
-    raise CompressError("the block list is not reachable by name")  # pragma: no cover
-
-
 @torch.no_grad()
 def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[str, QuantCodes], dict]:
     pruning = parse_pruning(cfg.sparsity, cfg.pattern)
@@ -73,7 +65,9 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
         raise CompressError("no calibration windows; compress needs calibration text.")
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.forward_dtype)
-    prefix = _layers_prefix(model)
+    from ..distill.prune import layers_prefix
+    decoder_blocks(model)  # a model without a block list fails here, as a CompressError
+    prefix = layers_prefix(model)
     codes: dict[str, QuantCodes] = {}
 
     def compress_group(i: int, group: InputGroup, linears: dict[str, torch.nn.Linear]) -> dict:

@@ -78,13 +78,13 @@ def depth_pruned_copy(model, keep_layers: list[int]):
             setattr(cfg, attr, [getattr(cfg, attr)[i] for i in keep_layers])
     student = type(model)(cfg)
     sd = model.state_dict()
-    layers_prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     new_sd = {}
     for k, v in sd.items():
-        if k.startswith(layers_prefix):
-            idx, rest = k[len(layers_prefix):].split(".", 1)
+        if k.startswith(prefix):
+            idx, rest = k[len(prefix):].split(".", 1)
             if int(idx) in keep_layers:
-                new_sd[f"{layers_prefix}{keep_layers.index(int(idx))}.{rest}"] = v.clone()
+                new_sd[f"{prefix}{keep_layers.index(int(idx))}.{rest}"] = v.clone()
         else:
             new_sd[k] = v.clone()
     missing, unexpected = student.load_state_dict(new_sd, strict=False)
@@ -97,7 +97,8 @@ def depth_pruned_copy(model, keep_layers: list[int]):
     return student.eval()
 
 
-def _layers_prefix(model) -> str:
+def layers_prefix(model) -> str:
+    """The state-dict prefix of the block list, e.g. 'model.layers.'."""
     layers = decoder_layers(model)
     for name, mod in model.named_modules():
         if mod is layers:
@@ -177,7 +178,7 @@ def width_pruned_copy(model, importance: list[dict[str, torch.Tensor]], ffn_keep
     cfg.num_attention_heads, cfg.num_key_value_heads = kv_groups_keep * group, kv_groups_keep
     student = type(model)(cfg)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     for i, imp in enumerate(importance):
         neurons = imp["ffn"].topk(ffn_keep).indices.sort().values
         groups = imp["heads"].reshape(n_kv, group).sum(-1).topk(kv_groups_keep).indices.sort().values
