@@ -244,6 +244,7 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     build's router.json when there is one, else `RoutingPolicy.default()`; each model gets
     `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure."""
     target = Path(target)
+    policy = policy if policy is not None else _routing_policy(target)  # a bad router.json fails before loading
     if backend is None:
         gguf = pick_gguf(target)
         name = target.resolve().name if target.is_dir() else gguf.stem
@@ -251,7 +252,7 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
                                   max_queue=max_queue, name=name)
     fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
     service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback,
-                          policy=policy if policy is not None else _routing_policy(target),
+                          policy=policy,
                           small_timeout_s=small_timeout_s, large_timeout_s=large_timeout_s)
 
     @contextlib.asynccontextmanager
@@ -292,7 +293,8 @@ def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None) -
         from .remote import RemoteBackend
         return RemoteBackend(llm, api_key=api_key)
     gguf = pick_gguf(Path(llm))
-    return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=f"llm-{gguf.stem}")
+    name = Path(llm).resolve().name if Path(llm).is_dir() else f"llm-{gguf.stem}"  # like the default model's
+    return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=name)
 
 
 def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
