@@ -3,6 +3,7 @@ driven by the official `openai` client. Escalation is forced by the policy's thr
 the large model is a local GGUF, or a second server that goes down (a closed port) or is too slow."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -123,12 +124,27 @@ def test_large_model_down_returns_the_small_answer_with_the_reason(builds):
         assert 'edgedistill_fallbacks_total{failed="large"} 2' in httpx.get(f"{url}/metrics").text
 
 
-def test_large_model_too_slow_times_out_to_the_small_answer(builds):
+def test_timeouts_fall_back_to_the_other_model_and_both_failing_is_an_error(builds):
     slm, llm = builds
-    with serving(app(slm, llm, ALWAYS, large_timeout_s=0.001)) as url:
+    with serving(app(slm, llm, ALWAYS, large_timeout_s=0.001)) as url:  # the large model is too slow
         r = client(url).chat.completions.create(**KW)
         ed = r.model_extra["edgedistill"]
-        assert ed["answered_by"] == SLM and "within 0.001 s" in ed["reason"]
+        assert ed["answered_by"] == SLM and "large model failed" in ed["reason"] and "within 0.001 s" in ed["reason"]
+    with serving(app(slm, llm, NEVER, small_timeout_s=0.001)) as url:  # the small one is: escalated even so
+        oa = client(url)
+        for r in (oa.chat.completions.create(**KW), list(oa.chat.completions.create(**KW, stream=True))[-1]):
+            ed = r.model_extra["edgedistill"]
+            assert ed["answered_by"] == LLM and ed["escalated"] and "the small model failed" in ed["reason"]
+        assert 'edgedistill_escalations_total{reason="small_failed"} 2' in httpx.get(f"{url}/metrics").text
+    with serving(app(slm, llm, ALWAYS, small_timeout_s=0.001, large_timeout_s=0.001)) as url:
+        with pytest.raises(openai.APIStatusError) as e:
+            client(url).chat.completions.create(**KW)
+        assert e.value.status_code == 502 and "both models failed" in e.value.message
+        chunks = [line for line in httpx.post(f"{url}/v1/chat/completions", json={**KW, "stream": True},
+                                              timeout=30).text.splitlines() if line.startswith("data:")]
+        last = json.loads(chunks[-2][5:])
+        assert chunks[-1] == "data: [DONE]" and "error" in last and last["edgedistill"]["answered_by"] == ""
+        assert not any('"finish_reason":"stop"' in c or '"finish_reason":"length"' in c for c in chunks)
 
 
 def test_router_json_in_the_build_folder_is_used_and_a_bad_one_is_refused(builds, tmp_path):

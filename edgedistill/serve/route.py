@@ -23,6 +23,7 @@ the rest is not known when they are sent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -106,7 +107,9 @@ def plan_chat(service: Any, req: ChatCompletionRequest) -> ChatRun:
                                "think_budget": route.think_budget})
     policy_s = time.perf_counter() - t0
     small = Leg(backend, think_open=params.think_open and getattr(backend, "prefills", False))
-    gen = Generation(backend, prompt, params, timeout_s=service.small_timeout_s if routed else service.large_timeout_s)
+    # A timeout only where another model can take over; otherwise the client waits for the answer it asked for.
+    gen = Generation(backend, prompt, params,
+                     timeout_s=service.small_timeout_s if routed and service.fallback is not None else None)
     service.metrics.think.inc(mode, "request" if setting.explicit else "policy")
     return ChatRun(req, prompt, params, strict_off=setting.mode == "off", route=route, small=small, gen=gen,
                    routed=routed, policy_s=policy_s)
@@ -171,6 +174,8 @@ class Router:
             r.reason = f"the small model failed ({small.error})" + (": escalated" if escalate else "")
             if escalate:
                 self.service.metrics.fallbacks.inc("small")
+        if run.routed:
+            self.service.metrics.routed.inc()
         if escalate:
             self.service.metrics.escalations.inc("low_confidence" if small.ok else "small_failed")
         run.policy_s += time.perf_counter() - t0
@@ -184,12 +189,10 @@ class Router:
         r.thinking_tokens = sum(f.thinking_tokens for f in fins)
         r.budget_hit = any(f.budget_hit for f in fins)
         r.escalated = len(legs) > 1
-        r.answered_by = answer.backend.name
+        r.answered_by = answer.backend.name if answer.ok else ""
         r.models = [leg.backend.name for leg in legs]
         r.latency_ms.small = run.small.ms
         r.latency_ms.large = legs[1].ms if len(legs) > 1 else None
-        if run.routed:
-            m.routed.inc()
         m.thinking_tokens.inc(by=r.thinking_tokens)
         m.budget_hits.inc(by=sum(f.budget_hit for f in fins))
         seen = self.think_tokens_seen
@@ -266,18 +269,19 @@ class Router:
 
         async def live(leg: Leg, gen: Any) -> AsyncIterator[str]:
             splitter = ThinkSplitter(inside=leg.think_open)
-            async for ev in gen.events():
-                if isinstance(ev, Delta):
-                    leg.text += ev.text
-                    if out := pieces(leg, splitter, ev.text):
-                        yield out
-                elif isinstance(ev, Failed):
-                    leg.error = ev.message
-                else:
-                    leg.fin = ev
-                    self.service._account(gen, ev, "/v1/chat/completions")
-                    if out := pieces(leg, splitter, "", final=True):
-                        yield out
+            async with contextlib.aclosing(gen.events()) as events:
+                async for ev in events:
+                    if isinstance(ev, Delta):
+                        leg.text += ev.text
+                        if out := pieces(leg, splitter, ev.text):
+                            yield out
+                    elif isinstance(ev, Failed):
+                        leg.error = ev.message
+                    else:
+                        leg.fin = ev
+                        self.service._account(gen, ev, "/v1/chat/completions")
+                        if out := pieces(leg, splitter, "", final=True):
+                            yield out
             leg.end()
 
         def replay(leg: Leg) -> list[str]:
@@ -290,8 +294,9 @@ class Router:
             yield chunk({"role": "assistant", "content": ""})
             legs, answer = [run.small], run.small
             if not (run.routed and self.can_escalate):
-                async for out in live(run.small, run.gen):
-                    yield out
+                async with contextlib.aclosing(live(run.small, run.gen)) as pieces_out:
+                    async for out in pieces_out:
+                        yield out
                 self._decide(run)
             else:
                 task = asyncio.ensure_future(self._collect(run.small, run.gen))
@@ -303,8 +308,9 @@ class Router:
                     large, gen = self._start_large(run)
                     legs.append(large)
                     if gen is not None:
-                        async for out in live(large, gen):
-                            yield out
+                        async with contextlib.aclosing(live(large, gen)) as pieces_out:
+                            async for out in pieces_out:
+                                yield out
                     if large.ok:
                         answer = large
                     elif run.small.ok and not large.content_sent:
