@@ -46,14 +46,14 @@ class Generation:
     def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams, *, timeout_s: float | None = None):
         self.model = backend.name
         self.timeout_s = timeout_s
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[float, Event]] = asyncio.Queue()  # (when the backend sent it, event)
         loop = asyncio.get_running_loop()
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
 
         def emit(ev: Event) -> None:
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (time.perf_counter(), ev))
             except RuntimeError:  # the loop is gone (server shutting down): stop generating
                 handle.cancel()
 
@@ -71,23 +71,30 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         """Deltas that queued up while the consumer was busy are merged, so a slow client costs one write
-        per wake-up rather than one per token."""
+        per wake-up rather than one per token. Events the backend sent after the deadline count as late
+        even when the loop reads them before its timer fires."""
         deadline = None if self.timeout_s is None else self.started + self.timeout_s
+        late = Failed(f"{self.model} gave no complete answer within {self.timeout_s:g} s", 504)
         try:
             while True:
+                left = None if deadline is None else deadline - time.perf_counter()
                 try:
-                    ev = await asyncio.wait_for(self.queue.get(), None if deadline is None else
-                                                max(0.0, deadline - time.perf_counter()))
+                    if left is not None and left <= 0:
+                        raise asyncio.TimeoutError
+                    at, ev = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
-                    yield Failed(f"{self.model} gave no complete answer within {self.timeout_s:g} s", 504)
+                    yield late
                     return
                 while isinstance(ev, Delta) and not self.queue.empty():
-                    nxt = self.queue.get_nowait()
+                    at, nxt = self.queue.get_nowait()
                     if not isinstance(nxt, Delta):
                         yield self._seen(ev)
                         ev = nxt
                         break
                     ev = Delta(ev.text + nxt.text, ev.tokens + nxt.tokens)
+                if deadline is not None and at > deadline:
+                    yield late
+                    return
                 yield self._seen(ev)
                 if not isinstance(ev, Delta):
                     return
