@@ -74,7 +74,7 @@ class Generation:
         per wake-up rather than one per token. Events the backend sent after the deadline count as late
         even when the loop reads them before its timer fires."""
         deadline = None if self.timeout_s is None else self.started + self.timeout_s
-        late = Failed(f"{self.model} gave no complete answer within {self.timeout_s:g} s", 504)
+        late = Failed(f"{self.model} gave no complete answer within {self.timeout_s or 0:g} s", 504)
         try:
             while True:
                 left = None if deadline is None else deadline - time.perf_counter()
