@@ -184,13 +184,16 @@ class RoutingPolicy(_Strict):
         return float(sigmoid(self.logprob_stats(token_logprobs) @ np.array(self.confidence_map.weights) + self.confidence_map.bias))
 
     def confidence(self, token_logprobs: Sequence[float]) -> float:
-        """Calibrated P(the answer is correct); 0.0 for an empty answer (nothing to trust)."""
+        """Calibrated P(the answer is correct) from the log-probs of every token the small model generated for
+        this answer (thinking included); 0.0 for an empty answer (nothing to trust)."""
         if len(token_logprobs) == 0:
             return 0.0
         return self.calibrate_score(self.raw_confidence(token_logprobs))
 
     def calibrate_score(self, raw: float) -> float:
-        c = float(np.interp(raw, self.confidence_map.iso_x, self.confidence_map.iso_y)) + self.confidence_map.tie_break * (raw - 0.5)
+        """(1 − ε)·isotonic(raw) + ε·raw: the calibrated value, with ties inside a pooled block kept in raw order."""
+        eps = self.confidence_map.tie_break
+        c = (1.0 - eps) * float(np.interp(raw, self.confidence_map.iso_x, self.confidence_map.iso_y)) + eps * raw
         return min(1.0, max(0.0, c)) if math.isfinite(c) else 0.0
 
     def should_escalate(self, confidence: float) -> bool:
