@@ -26,12 +26,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-Mode = Literal["on", "off", "auto"]
+from ..data.tasks import NO_THINK_PREFIX, THINK_PREFIX
+# Written into the model's thoughts when its budget is spent, so it moves on to the answer (as Qwen3's servers
+# do): the very text the build's routing stage inserts when it calibrates, so served and measured runs agree.
+from ..routing.generate import STOP_THINKING  # noqa: F401  (re-exported)
 
+Mode = Literal["on", "off", "auto"]
 OPEN, CLOSE = "<think>", "</think>"
-PREFILL = {"on": "<think>\n", "off": "<think>\n\n</think>\n\n"}
-# Written into the model's thoughts when its budget is spent, so it moves on to the answer (as Qwen3's servers do).
-STOP_THINKING = "\n\nTime is up, so I will answer now with what I have worked out.\n</think>\n\n"
+PREFILL = {"on": THINK_PREFIX, "off": NO_THINK_PREFIX}
 
 EFFORT_BUDGETS: dict[str, int | None] = {"minimal": 64, "low": 256, "medium": 1024, "high": 4096}
 TAG = re.compile(r"(?<!\S)/(no_think|think)(?!\S)")
