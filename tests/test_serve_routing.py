@@ -160,3 +160,37 @@ def test_router_json_in_the_build_folder_is_used_and_a_bad_one_is_refused(builds
             create_app(slm, max_tokens_cap=32, slots=1, ctx_per_slot=256, n_threads=1)
     finally:
         (slm / ROUTER_FILE).unlink()
+
+
+def test_a_cut_large_model_stream_is_never_passed_off_as_complete(builds):
+    """The large model is a remote whose stream stops before its end (no final chunk, no [DONE])."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    cutter = FastAPI()
+    cutter.get("/health")(lambda: {"status": "ok"})
+    cutter.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "cutter", "object": "model"}]})
+
+    @cutter.post("/v1/chat/completions")
+    def chat():
+        part = {"choices": [{"index": 0, "delta": {"content": "The answer is"}, "finish_reason": None}]}
+        return StreamingResponse(iter([f"data: {json.dumps(part)}\n\n"]), media_type="text/event-stream")
+
+    slm, _ = builds
+    with serving(cutter) as remote:
+        with serving(app(slm, f"{remote}/v1", ALWAYS)) as url:
+            oa = client(url)
+            # Not streamed: the half answer is discarded and the small model's is returned, saying why.
+            r = oa.chat.completions.create(**KW)
+            ed = r.model_extra["edgedistill"]
+            assert r.model == SLM and ed["answered_by"] == SLM and "cut" in ed["reason"]
+            assert r.choices[0].message.content != "The answer is"
+            # Streamed: the large model's first words went out, so the stream ends in an error, not a finish.
+            lines = [ln for ln in httpx.post(f"{url}/v1/chat/completions", json={**KW, "stream": True},
+                                             timeout=30).text.splitlines() if ln.startswith("data:")]
+            events = [json.loads(ln[5:]) for ln in lines[:-1]]
+            assert lines[-1] == "data: [DONE]" and "error" in events[-1] and "cut" in events[-1]["error"]["message"]
+            assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")) \
+                == "The answer is"
+            assert not any(e["choices"][0]["finish_reason"] for e in events if e.get("choices"))
+            assert events[-1]["edgedistill"]["escalated"] and "broke off" in events[-1]["edgedistill"]["reason"]
