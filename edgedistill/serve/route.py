@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -103,8 +104,8 @@ def plan_chat(service: Any, req: ChatCompletionRequest) -> ChatRun:
     route.think_mode = mode
     route.think_budget = budget if mode == "on" else None
     prompt = Prompt(messages=tuple(messages), prefix=prefix)
-    params = SamplingParams(**{**params.__dict__, "logprobs": True, "think_open": prefix == PREFILL["on"],
-                               "think_budget": route.think_budget})
+    params = dataclasses.replace(params, logprobs=True, think_open=prefix == PREFILL["on"],
+                                 think_budget=route.think_budget)
     policy_s = time.perf_counter() - t0
     small = Leg(backend, think_open=params.think_open and getattr(backend, "prefills", False))
     # A timeout only where another model can take over; otherwise the client waits for the answer it asked for.
