@@ -147,13 +147,18 @@ def collect_hessians(block, inputs: BlockInputs, linears: dict[str, torch.nn.Lin
                 groups[name] = InputGroup([name], HessianAccumulator(x.shape[-1], device))
             if leader[name] == name:
                 groups[name].hessian.add(x)
+            if not first_batch[0] and name == order[-1]:
+                raise _Captured  # the rest of the block (down_proj's product, the residual) feeds no Hessian
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in linears.items()]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs):
-            out = block(h, **kw)
-            del out
+            try:
+                out = block(h, **kw)
+                del out
+            except _Captured:
+                pass
             first_batch[0] = False
             seen.clear()
     finally:
