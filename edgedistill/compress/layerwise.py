@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CompressError, DistillError
+from ..blocks import decoder_layers
+from ..errors import CompressError
 from ..progress import progress_bar
 from .obs import sweep_threads
 
@@ -31,11 +32,7 @@ class _Captured(Exception):
 
 
 def decoder_blocks(model) -> torch.nn.ModuleList:
-    from ..distill.prune import decoder_layers
-    try:
-        return decoder_layers(model)
-    except DistillError as e:
-        raise CompressError(str(e).replace("pruning", "compression")) from None
+    return decoder_layers(model, CompressError, "compression")
 
 
 def _to(obj: Any, device, dtype) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..blocks import layers_prefix
 from ..errors import CompressError
 from .grids import GRIDS, QuantCodes
 from .layerwise import InputGroup, compress_layerwise, decoder_blocks
@@ -65,9 +66,7 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
         raise CompressError("no calibration windows; compress needs calibration text.")
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.forward_dtype)
-    from ..distill.prune import layers_prefix
-    decoder_blocks(model)  # a model without a block list fails here, as a CompressError
-    prefix = layers_prefix(model)
+    prefix = layers_prefix(model, CompressError, "compression")  # a model without a block list fails here
     codes: dict[str, QuantCodes] = {}
 
     def compress_group(i: int, group: InputGroup, linears: dict[str, torch.nn.Linear]) -> dict:
