@@ -103,6 +103,9 @@ def compress(model: str = typer.Argument(..., help="HF model folder (or hub id /
              sparsity: float = typer.Option(0.5, help="sparsegpt: fraction removed; structured: FFN fraction removed"),
              pattern: str = typer.Option("unstructured", help="sparsegpt: unstructured | 2:4 | 4:8"),
              heads_sparsity: float = typer.Option(0.0, help="structured: fraction of KV head groups removed"),
+             sparsity_profile: str = typer.Option("uniform", help="sparsegpt: uniform | owl (outlier-weighted per block)"),
+             owl_threshold: float = typer.Option(5.0, help="owl: outlier when |W|·‖X‖ > this × the block's mean"),
+             owl_lambda: float = typer.Option(0.08, help="owl: block sparsities within sparsity ± this"),
              calib_windows: int = typer.Option(32, help="calibration windows"),
              calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
              data: str = typer.Option("stdlib", help="calibration / held-out text: 'stdlib' or a file/folder"),
@@ -118,6 +121,8 @@ def compress(model: str = typer.Argument(..., help="HF model folder (or hub id /
     try:
         r = parse_recipe({"compress": {"method": method, "grid": grid, "sparsity": sparsity, "pattern": pattern,
                                        "heads_sparsity": heads_sparsity, "calib_windows": calib_windows,
+                                       "sparsity_profile": sparsity_profile, "owl_threshold": owl_threshold,
+                                       "owl_lambda": owl_lambda,
                                        "calib_seq_len": calib_seq_len, "device": device},
                           "data": {"source": data},
                           # only so the recipe's "codes are exported" check holds; this command exports nothing

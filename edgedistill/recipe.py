@@ -90,6 +90,11 @@ class CompressSpec(Section):
     sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="sparsegpt (unstructured): fraction of each block linear removed; structured: fraction of FFN neurons removed")
     pattern: str = Field("unstructured", pattern=r"^(unstructured|\d+:\d+)$", description="sparsegpt: 'unstructured' or N:M ('2:4', '4:8')")
     heads_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="structured: fraction of KV head groups removed")
+    sparsity_profile: Literal["uniform", "owl"] = Field(
+        "uniform", description="sparsegpt (unstructured): the same sparsity in every block, or OWL's outlier-weighted "
+        "per-block sparsity (mean = `sparsity`, blocks with more activation outliers pruned less)")
+    owl_threshold: float = Field(5.0, gt=0.0, description="owl: a weight is an outlier when |W|·‖X‖ > this × its block's mean")
+    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="owl: block sparsities lie within sparsity ± this")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static 32-column groups)")
     damp: float = Field(0.01, gt=0.0, lt=1.0, description="relative Hessian dampening (escalated automatically on failure)")
     blocksize: int = Field(128, ge=32, le=4096, multiple_of=32, description="OBS sweep outer block (columns)")
@@ -104,6 +109,13 @@ class CompressSpec(Section):
             self.grid = "q4_0"
         if self.method == "sparsegpt" and self.grid == "q4_1":
             raise ValueError("sparsegpt with a grid needs one that stores an exact zero (q8_0 or q4_0), not q4_1")
+        if self.sparsity_profile == "owl":
+            if self.method != "sparsegpt" or self.pattern != "unstructured":
+                raise ValueError("sparsity_profile 'owl' needs method 'sparsegpt' with pattern 'unstructured' "
+                                 f"(got method '{self.method}', pattern '{self.pattern}')")
+            if self.owl_lambda >= min(self.sparsity, 1 - self.sparsity):
+                raise ValueError(f"owl_lambda {self.owl_lambda} must be below min(sparsity, 1 − sparsity) = "
+                                 f"{min(self.sparsity, 1 - self.sparsity):.3g} so every block's sparsity stays in (0, 1)")
         return self
 
 
