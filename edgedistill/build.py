@@ -137,7 +137,7 @@ def stage_compress(ctx: BuildContext) -> Artifact:
     with atomic_dir(dest) as tmp:
         metrics = compress_model(ctx.path("student"), tmp, spec, ctx.tokenizer, calib,
                                  ctx.eval_windows[:spec.eval_windows],
-                                 qat_codes=qat if ctx.recipe.distill.quantize_aware == spec.method else None)
+                                 qat_codes=qat if spec.method in ("qat", ctx.recipe.distill.quantize_aware) else None)
     return Artifact([dest], metrics)
 
 

@@ -82,8 +82,9 @@ class DistillSpec(Section):
 
 
 class CompressSpec(Section):
-    method: Literal["q8_0", "none", "gptq", "sparsegpt", "structured"] = Field(
-        "q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale); gptq: OBS rounding "
+    method: Literal["q8_0", "none", "gptq", "sparsegpt", "structured", "qat"] = Field(
+        "q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale); qat: pass the "
+        "codes of a quantize-aware student (distill.quantize_aware's grid) through unchanged; gptq: OBS rounding "
         "onto `grid`; sparsegpt: OBS pruning by `sparsity`/`pattern` (plus `grid` for joint quantization); "
         "structured: remove FFN neurons / KV head groups with OBS compensation (a smaller dense model)")
     grid: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="GGUF grid for gptq (default q4_0) or sparsegpt+quantization")
@@ -184,6 +185,18 @@ class Recipe(Section):
         if c.method in ("gptq", "sparsegpt") and c.grid and c.grid not in self.export.gguf:
             raise ValueError(f"compress.grid is {c.grid} but export.gguf {self.export.gguf} does not list it, so its "
                              f"codes would never be written; add {c.grid} to export.gguf")
+        qa = self.distill.quantize_aware
+        if c.method == "qat":
+            if qa is None:
+                raise ValueError("compress.method 'qat' passes through the codes of a quantize-aware student; set "
+                                 "distill.quantize_aware (q8_0, q4_0 or q4_1) or pick another compress.method")
+            if qa not in self.export.gguf:
+                raise ValueError(f"compress.method 'qat' keeps the student's {qa} codes but export.gguf "
+                                 f"{self.export.gguf} does not list {qa}, so they would never be written; add it")
+        elif qa in ("q4_0", "q4_1") and qa in self.export.gguf and c.method in ("q8_0", "none"):
+            raise ValueError(f"distill.quantize_aware is {qa} and export.gguf lists {qa}, but compress.method "
+                             f"'{c.method}' would re-quantize the trained weights; set compress.method: qat to write "
+                             f"the student's own {qa} codes bit for bit")
         return self
 
     def quick(self) -> "Recipe":

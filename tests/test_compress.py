@@ -360,3 +360,19 @@ def test_cli_compress_owl(tmp_path, tiny_model_dir):
     prof = json.loads((tmp_path / "c" / "compress_metrics.json").read_text())["sparsity_profile"]
     assert prof["kind"] == "owl" and prof["threshold"] == 4.0 and prof["lambda"] == 0.1
     assert sum(prof["block_sparsity"]) / 4 == pytest.approx(0.5, abs=1e-9)
+
+
+def test_qat_passthrough_checks_codes_against_weights(tmp_path, tiny_model_dir):
+    from edgedistill.compress.rtn import save_codes
+    from edgedistill.compress.stage import qat_passthrough
+    from edgedistill.distill.qat import export_codes
+    model = _tiny(tiny_model_dir)
+    save_codes(export_codes(model, "q4_1"), tmp_path / "codes.safetensors")
+    codes, metrics = qat_passthrough(model, tmp_path / "codes.safetensors")
+    assert metrics["grid"] == "q4_1" and len(codes) == metrics["quantized_tensors"] > 0
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(CompressError, match="model.layers.1.mlp.up_proj.weight' differs"):
+        qat_passthrough(model, tmp_path / "codes.safetensors")
+    with pytest.raises(CompressError, match="does not exist"):
+        qat_passthrough(model, tmp_path / "missing.safetensors")
