@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from edgedistill.artifacts import atomic_write_json
 from edgedistill.compress.grids import quantize
 from edgedistill.compress.methods import ObsConfig, obs_compress
 from edgedistill.data.text import load_corpus
@@ -60,8 +62,10 @@ def main() -> None:
     ap.add_argument("--calib", default="32x512")
     ap.add_argument("--grids", default="q4_0,q4_1")
     ap.add_argument("--out", default=None, help="keep the GGUF files here (default: a temp folder)")
+    ap.add_argument("--json", default=None, help="also write the result JSON here (e.g. bench/results/quant_quality.json)")
     args = ap.parse_args()
     n_cal, t_cal = map(int, args.calib.split("x"))
+    t_start = time.perf_counter()
 
     model_dir = resolve_model(args.model)
     tok = load_tokenizer(model_dir)
@@ -109,6 +113,11 @@ def main() -> None:
             result[f"gap_closed_{grid}_{emb}"] = round(1 - (ours - f32) / (ref - f32), 4)
     result["ppl_ours_q4_0"] = result.get("ppl_ours_q4_0_emb_q8_0")
     result["gap_closed"] = result.get("gap_closed_q4_0_emb_q8_0")
+    result["same_size_as_llamacpp_q4_0"] = result.get("bytes_ours_q4_0_emb_q8_0") == result["bytes_llamacpp_q4_0"]
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    if args.json:
+        atomic_write_json(args.json, result)
     print(json.dumps(result))
 
 
