@@ -164,6 +164,7 @@ def distill_cmd(
         lr: Optional[float] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
         chunk_tokens: Optional[int] = typer.Option(None),
         teacher_mode: Optional[str] = typer.Option(None, help="online | offline (top-k cache)"),
+        teacher_quant: Optional[str] = typer.Option(None, help="none | nf4 (4-bit teacher via bitsandbytes, GPU only)"),
         top_k: Optional[int] = typer.Option(None), prompts: Optional[str] = typer.Option(None, help="prompt JSONL for on-policy / sequence-level KD"),
         on_policy_fraction: Optional[float] = typer.Option(None, help="GKD λ"),
         sequence_kd_fraction: Optional[float] = typer.Option(None), max_new_tokens: Optional[int] = typer.Option(None),

@@ -61,6 +61,7 @@ class DistillSpec(Section):
     seed: int = 0
     chunk_tokens: int = Field(1024, ge=16, le=65536, description="tokens per loss chunk (memory ∝ chunk × vocab)")
     teacher_mode: Literal["online", "offline"] = Field("online", description="offline: cache the teacher's top-k log-probs once")
+    teacher_quant: Literal["none", "nf4"] = Field("none", description="nf4: load the teacher in 4 bits through bitsandbytes (CUDA GPUs only)")
     top_k: int = Field(32, ge=1, le=4096, description="offline teacher: log-probs kept per token (4 + 4·k bytes/token)")
     chat_data: str | None = Field(None, description="JSONL of {'messages': [...]}: train on assistant tokens instead of data.source")
     prompts: str | None = Field(None, description="JSONL of {'prompt'} or {'messages'} for on-policy / sequence-level KD")
