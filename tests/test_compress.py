@@ -376,3 +376,20 @@ def test_qat_passthrough_checks_codes_against_weights(tmp_path, tiny_model_dir):
         qat_passthrough(model, tmp_path / "codes.safetensors")
     with pytest.raises(CompressError, match="does not exist"):
         qat_passthrough(model, tmp_path / "missing.safetensors")
+
+
+def test_groups_compressed_side_by_side_match_one_by_one(tiny_model_dir, calib):
+    """cpu_threads ≥ 2 runs a block's input groups concurrently, one thread each: same masks, same errors."""
+    results = []
+    for threads in (1, 2):
+        model = _tiny(tiny_model_dir)
+        _, metrics = obs_compress(model, calib, ObsConfig(sparsity=0.5, device="cpu", cpu_threads=threads,
+                                                          forward_dtype="float32"))
+        results.append((metrics, _block_linears(model)))
+    (m1, lin1), (m2, lin2) = results
+    assert m1["layers"].keys() == m2["layers"].keys() and len(m1["layers"]) == 28
+    for name in m1["layers"]:
+        assert m2["layers"][name]["rel_error"] == pytest.approx(m1["layers"][name]["rel_error"], rel=0.02, abs=1e-5)
+    for name in lin1:
+        assert ((lin1[name].weight == 0) != (lin2[name].weight == 0)).float().mean() < 0.01, name
+    assert torch.get_num_threads() >= 1
