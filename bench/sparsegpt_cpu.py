@@ -6,7 +6,7 @@ The issue's CPU target is ≤ 45 s on 2 cores. Reports wall seconds, the process
 the Hessian hooks; sweep: Cholesky + OBS sweeps; forward: the compressed block's re-run), the load
 average before and after, and the mean layer reconstruction error.
 
-    python bench/sparsegpt_cpu.py [--threads 2] [--calib 32x512] [--pattern unstructured|2:4]
+    python bench/sparsegpt_cpu.py [--threads 2] [--calib 32x512] [--pattern unstructured|2:4] [--out FILE]
 
 The last line printed is one JSON object.
 """
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forward-dtype", default=ObsConfig.forward_dtype)
+    ap.add_argument("--out", default=None, help="also write the JSON here (e.g. bench/results/sparsegpt_cpu.json)")
     args = ap.parse_args()
     n_cal, t_cal = map(int, args.calib.split("x"))
     torch.set_num_threads(args.threads)
@@ -57,6 +58,9 @@ def main() -> None:
               "mean_rel_error": metrics["mean_rel_error"], "max_rel_error": metrics["max_rel_error"],
               "loadavg_before": [round(x, 2) for x in load_before],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+    if args.out:
+        from edgedistill.artifacts import atomic_write_json
+        atomic_write_json(args.out, result)
     print(json.dumps(result))
 
 
