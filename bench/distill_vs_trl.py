@@ -171,6 +171,7 @@ def main() -> None:
                     help="both engines: bf16 autocast (TRL's default, bf16=True; fast on CPUs with AMX) or fp32")
     ap.add_argument("--repeats", type=int, default=2, help="runs per engine (A-B-B-A order); tok_s is the best")
     ap.add_argument("--engine", choices=["ours", "trl"])
+    ap.add_argument("--out", default=None, help="also write the JSON here (e.g. bench/results/distill_vs_trl.json)")
     ap.add_argument("--work")
     a = ap.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -193,7 +194,7 @@ def main() -> None:
     ours, trl = ({"tok_s": max(r["tok_s"] for r in rs), "peak_mb": max(r["peak_mb"] for r in rs),
                   "heldout_kl": rs[0]["heldout_kl"], "all_tok_s": [r["tok_s"] for r in rs]}
                  for rs in (runs["ours"], runs["trl"]))
-    print(json.dumps({
+    result = {
         "bench": "distill_vs_trl", "anchor": "trl GKDTrainer lmbda=0 beta=0 (forward KL)",
         "teacher": "llama 4x256 vocab %d" % a.vocab, "student": "2 layers (depth-pruned)",
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "precision": a.precision, "threads": int(os.environ.get("BENCH_THREADS", "1")),
@@ -202,7 +203,13 @@ def main() -> None:
         "ours_peak_mb": ours["peak_mb"], "anchor_peak_mb": trl["peak_mb"],
         "ratio_peak_mb": round(ours["peak_mb"] / trl["peak_mb"], 3),
         "ours_heldout_kl": ours["heldout_kl"], "anchor_heldout_kl": trl["heldout_kl"],
-        "repeats": a.repeats, "ours_tok_s_runs": ours["all_tok_s"], "anchor_tok_s_runs": trl["all_tok_s"]}))
+        "repeats": a.repeats, "ours_tok_s_runs": ours["all_tok_s"], "anchor_tok_s_runs": trl["all_tok_s"],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    if a.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from edgedistill.artifacts import atomic_write_json
+        atomic_write_json(a.out, result)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

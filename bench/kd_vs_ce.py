@@ -4,13 +4,14 @@ The default teacher (SmolLM2-135M-Instruct), its depth-pruned student (the build
 the standard library text; one copy trained with forward KL to the teacher, one with cross-entropy
 on the text (ce_weight = 1). Held-out perplexity and KL to the teacher of both, same windows.
 
-    python bench/kd_vs_ce.py [--steps 200]      # last line: one JSON object (slow on CPU)
+    python bench/kd_vs_ce.py [--steps 200] [--out bench/results/kd_vs_ce.json]   # last line: one JSON object
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgedistill.artifacts import atomic_write_json  # noqa: E402
 from edgedistill.data.text import load_corpus  # noqa: E402
 from edgedistill.data.tokens import token_stream, windows  # noqa: E402
 from edgedistill.distill.losses import LossSpec  # noqa: E402
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -48,7 +51,7 @@ def main() -> None:
     imp = block_importance(teacher, calib)
     init = depth_pruned_copy(teacher, choose_layers(imp, len(imp) // 2))
     res = {"bench": "kd_vs_ce", "teacher": "smollm2-135m-instruct", "student_layers": init.config.num_hidden_layers,
-           "steps": a.steps, "batch": a.batch, "seq": a.seq, "lr": a.lr, "precision": a.precision,
+           "loadavg_before": [round(x, 2) for x in os.getloadavg()], "steps": a.steps, "batch": a.batch, "seq": a.seq, "lr": a.lr, "precision": a.precision,
            "init": evaluate_kd(teacher, init, held), "teacher_ppl": evaluate_kd(teacher, teacher, held)["heldout_ppl"]}
     for name, spec in (("kd", LossSpec("forward_kl")), ("ce", LossSpec(ce_weight=1.0))):
         student = copy.deepcopy(init)
@@ -59,6 +62,9 @@ def main() -> None:
             distill(teacher, student, stream, cfg, Path(tmp))
         res[name] = {**evaluate_kd(teacher, student, held), "seconds": round(time.perf_counter() - t, 1)}
     res["kd_beats_ce"] = res["kd"]["heldout_ppl"] < res["ce"]["heldout_ppl"]
+    res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    if a.out:
+        atomic_write_json(a.out, res)
     print(json.dumps(res))
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from edgedistill.artifacts import atomic_write_json
 from edgedistill.compress.grids import quantize
 from edgedistill.compress.methods import ObsConfig, obs_compress
 from edgedistill.data.text import load_corpus
@@ -60,8 +62,13 @@ def main() -> None:
     ap.add_argument("--calib", default="32x512")
     ap.add_argument("--grids", default="q4_0,q4_1")
     ap.add_argument("--out", default=None, help="keep the GGUF files here (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="keep GGUF files already in --out (from an earlier run with the "
+                    "same settings) instead of writing them again")
+    ap.add_argument("--only", default=None, help="evaluate only these files, e.g. f32,llamacpp_q4_0,ours_q4_0_emb_q8_0")
+    ap.add_argument("--json", default=None, help="also write the result JSON here (e.g. bench/results/quant_quality.json)")
     args = ap.parse_args()
     n_cal, t_cal = map(int, args.calib.split("x"))
+    t_start = time.perf_counter()
 
     model_dir = resolve_model(args.model)
     tok = load_tokenizer(model_dir)
@@ -73,13 +80,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     files: dict[str, Path] = {"f32": out / "f32.gguf"}
-    write_gguf(model_dir, files["f32"], "f32")
+    if not (args.reuse and files["f32"].is_file()):
+        write_gguf(model_dir, files["f32"], "f32")
     for ft in ("Q4_0", "Q4_K_M"):
         files[f"llamacpp_{ft.lower()}"] = out / f"llamacpp-{ft.lower()}.gguf"
-        llamacpp_quantize(files["f32"], files[f"llamacpp_{ft.lower()}"], ft)
+        if not (args.reuse and files[f"llamacpp_{ft.lower()}"].is_file()):
+            llamacpp_quantize(files["f32"], files[f"llamacpp_{ft.lower()}"], ft)
 
     gptq_seconds = {}
     for grid in args.grids.split(","):
+        reused = [out / f"ours-{grid}-emb-same.gguf", out / f"ours-{grid}-emb-q8_0.gguf"]
+        if args.reuse and all(p.is_file() for p in reused):
+            files[f"ours_{grid}_emb_same"], files[f"ours_{grid}_emb_q8_0"] = reused
+            gptq_seconds[grid] = "reused"
+            continue
         model = load_causal_lm(model_dir)
         t0 = time.perf_counter()
         codes, metrics = obs_compress(model, calib, ObsConfig(grid=grid))
@@ -97,18 +111,30 @@ def main() -> None:
 
     result = {"bench": "quant_quality", "model": args.model, "heldout": f"{args.windows}x{args.seq_len}",
               "calib": args.calib, "torch_threads": torch.get_num_threads(), "gptq_seconds": gptq_seconds}
+    only = set(args.only.split(",")) if args.only else set(files)
+    result["reused_files"] = bool(args.reuse)
     for key, path in files.items():
-        result[f"ppl_{key}"] = round(ppl(path, heldout), 4)
         result[f"bytes_{key}"] = path.stat().st_size
+        if key not in only:
+            continue
+        result[f"ppl_{key}"] = round(ppl(path, heldout), 4)
         print(f"{key:>24}: ppl {result[f'ppl_{key}']:9.4f}  {path.stat().st_size / 2**20:7.2f} MiB", flush=True)
     f32 = result["ppl_f32"]
     for grid in args.grids.split(","):
         ref = result["ppl_llamacpp_q4_0"]
         for emb in ("emb_same", "emb_q8_0"):
-            ours = result[f"ppl_ours_{grid}_{emb}"]
-            result[f"gap_closed_{grid}_{emb}"] = round(1 - (ours - f32) / (ref - f32), 4)
+            if f"ppl_ours_{grid}_{emb}" in result:
+                ours = result[f"ppl_ours_{grid}_{emb}"]
+                result[f"gap_closed_{grid}_{emb}"] = round(1 - (ours - f32) / (ref - f32), 4)
     result["ppl_ours_q4_0"] = result.get("ppl_ours_q4_0_emb_q8_0")
     result["gap_closed"] = result.get("gap_closed_q4_0_emb_q8_0")
+    if "bytes_ours_q4_0_emb_q8_0" in result:  # the same tensor types; only metadata bytes differ
+        result["size_ratio_ours_q4_0_vs_llamacpp_q4_0"] = round(result["bytes_ours_q4_0_emb_q8_0"]
+                                                                / result["bytes_llamacpp_q4_0"], 6)
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    if args.json:
+        atomic_write_json(args.json, result)
     print(json.dumps(result))
 
 

@@ -115,9 +115,10 @@ def stage_student_init(ctx: BuildContext) -> Artifact:
 
 def stage_distill(ctx: BuildContext) -> Artifact:
     from .distill.run import run_distill
+    from .distill.teacher import load_teacher
     from .models import load_causal_lm
     d = ctx.recipe.distill
-    teacher = load_causal_lm(ctx.teacher_dir)
+    teacher = load_teacher(ctx.teacher_dir, d.teacher_quant)
     student = load_causal_lm(str(ctx.path("student_init")))
     dest = ctx.path("student")
     # Checkpoints and the offline teacher cache live beside the build, keyed by the stage's inputs, so a rerun
@@ -143,7 +144,7 @@ def stage_compress(ctx: BuildContext) -> Artifact:
     with atomic_dir(dest) as tmp:
         metrics = compress_model(ctx.student_dir, tmp, spec, ctx.tokenizer, calib,
                                  ctx.eval_windows[:spec.eval_windows],
-                                 qat_codes=qat if ctx.recipe.distill.quantize_aware == spec.method else None)
+                                 qat_codes=qat if spec.method in ("qat", ctx.recipe.distill.quantize_aware) else None)
     return Artifact([dest], metrics)
 
 

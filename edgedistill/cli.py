@@ -108,6 +108,9 @@ def compress(model: str = typer.Argument(..., help="HF model folder (or hub id /
              sparsity: float = typer.Option(0.5, help="sparsegpt: fraction removed; structured: FFN fraction removed"),
              pattern: str = typer.Option("unstructured", help="sparsegpt: unstructured | 2:4 | 4:8"),
              heads_sparsity: float = typer.Option(0.0, help="structured: fraction of KV head groups removed"),
+             sparsity_profile: str = typer.Option("uniform", help="sparsegpt: uniform | owl (outlier-weighted per block)"),
+             owl_threshold: float = typer.Option(5.0, help="owl: outlier when |W|·‖X‖ > this × the block's mean"),
+             owl_lambda: float = typer.Option(0.08, help="owl: block sparsities within sparsity ± this"),
              calib_windows: int = typer.Option(32, help="calibration windows"),
              calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
              data: str = typer.Option("stdlib", help="calibration / held-out text: 'stdlib' or a file/folder"),
@@ -123,6 +126,8 @@ def compress(model: str = typer.Argument(..., help="HF model folder (or hub id /
     try:
         r = parse_recipe({"compress": {"method": method, "grid": grid, "sparsity": sparsity, "pattern": pattern,
                                        "heads_sparsity": heads_sparsity, "calib_windows": calib_windows,
+                                       "sparsity_profile": sparsity_profile, "owl_threshold": owl_threshold,
+                                       "owl_lambda": owl_lambda,
                                        "calib_seq_len": calib_seq_len, "device": device},
                           "data": {"source": data},
                           # only so the recipe's "codes are exported" check holds; this command exports nothing
@@ -164,6 +169,7 @@ def distill_cmd(
         lr: Optional[float] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
         chunk_tokens: Optional[int] = typer.Option(None),
         teacher_mode: Optional[str] = typer.Option(None, help="online | offline (top-k cache)"),
+        teacher_quant: Optional[str] = typer.Option(None, help="none | nf4 (4-bit teacher via bitsandbytes, GPU only)"),
         top_k: Optional[int] = typer.Option(None), prompts: Optional[str] = typer.Option(None, help="prompt JSONL for on-policy / sequence-level KD"),
         on_policy_fraction: Optional[float] = typer.Option(None, help="GKD λ"),
         sequence_kd_fraction: Optional[float] = typer.Option(None), max_new_tokens: Optional[int] = typer.Option(None),

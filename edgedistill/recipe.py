@@ -61,6 +61,7 @@ class DistillSpec(Section):
     seed: int = 0
     chunk_tokens: int = Field(1024, ge=16, le=65536, description="tokens per loss chunk (memory ∝ chunk × vocab)")
     teacher_mode: Literal["online", "offline"] = Field("online", description="offline: cache the teacher's top-k log-probs once")
+    teacher_quant: Literal["none", "nf4"] = Field("none", description="nf4: load the teacher in 4 bits through bitsandbytes (CUDA GPUs only)")
     top_k: int = Field(32, ge=1, le=4096, description="offline teacher: log-probs kept per token (4 + 4·k bytes/token)")
     chat_data: str | None = Field(None, description="JSONL of {'messages': [...]}: train on assistant tokens instead of data.source")
     prompts: str | None = Field(None, description="JSONL of {'prompt'} or {'messages'} for on-policy / sequence-level KD")
@@ -82,14 +83,20 @@ class DistillSpec(Section):
 
 
 class CompressSpec(Section):
-    method: Literal["q8_0", "none", "gptq", "sparsegpt", "structured"] = Field(
-        "q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale); gptq: OBS rounding "
+    method: Literal["q8_0", "none", "gptq", "sparsegpt", "structured", "qat"] = Field(
+        "q8_0", description="q8_0: round-to-nearest on GGUF's Q8_0 grid (blocks of 32, fp16 scale); qat: pass the "
+        "codes of a quantize-aware student (distill.quantize_aware's grid) through unchanged; gptq: OBS rounding "
         "onto `grid`; sparsegpt: OBS pruning by `sparsity`/`pattern` (plus `grid` for joint quantization); "
         "structured: remove FFN neurons / KV head groups with OBS compensation (a smaller dense model)")
     grid: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="GGUF grid for gptq (default q4_0) or sparsegpt+quantization")
     sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="sparsegpt (unstructured): fraction of each block linear removed; structured: fraction of FFN neurons removed")
     pattern: str = Field("unstructured", pattern=r"^(unstructured|\d+:\d+)$", description="sparsegpt: 'unstructured' or N:M ('2:4', '4:8')")
     heads_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="structured: fraction of KV head groups removed")
+    sparsity_profile: Literal["uniform", "owl"] = Field(
+        "uniform", description="sparsegpt (unstructured): the same sparsity in every block, or OWL's outlier-weighted "
+        "per-block sparsity (mean = `sparsity`, blocks with more activation outliers pruned less)")
+    owl_threshold: float = Field(5.0, gt=0.0, description="owl: a weight is an outlier when |W|·‖X‖ > this × its block's mean")
+    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="owl: block sparsities lie within sparsity ± this")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static 32-column groups)")
     damp: float = Field(0.01, gt=0.0, lt=1.0, description="relative Hessian dampening (escalated automatically on failure)")
     blocksize: int = Field(128, ge=32, le=4096, multiple_of=32, description="OBS sweep outer block (columns)")
@@ -104,6 +111,13 @@ class CompressSpec(Section):
             self.grid = "q4_0"
         if self.method == "sparsegpt" and self.grid == "q4_1":
             raise ValueError("sparsegpt with a grid needs one that stores an exact zero (q8_0 or q4_0), not q4_1")
+        if self.sparsity_profile == "owl":
+            if self.method != "sparsegpt" or self.pattern != "unstructured":
+                raise ValueError("sparsity_profile 'owl' needs method 'sparsegpt' with pattern 'unstructured' "
+                                 f"(got method '{self.method}', pattern '{self.pattern}')")
+            if self.owl_lambda >= min(self.sparsity, 1 - self.sparsity):
+                raise ValueError(f"owl_lambda {self.owl_lambda} must be below min(sparsity, 1 − sparsity) = "
+                                 f"{min(self.sparsity, 1 - self.sparsity):.3g} so every block's sparsity stays in (0, 1)")
         return self
 
 
@@ -211,6 +225,18 @@ class Recipe(Section):
         if c.method in ("gptq", "sparsegpt") and c.grid and c.grid not in self.export.gguf:
             raise ValueError(f"compress.grid is {c.grid} but export.gguf {self.export.gguf} does not list it, so its "
                              f"codes would never be written; add {c.grid} to export.gguf")
+        qa = self.distill.quantize_aware
+        if c.method == "qat":
+            if qa is None:
+                raise ValueError("compress.method 'qat' passes through the codes of a quantize-aware student; set "
+                                 "distill.quantize_aware (q8_0, q4_0 or q4_1) or pick another compress.method")
+            if qa not in self.export.gguf:
+                raise ValueError(f"compress.method 'qat' keeps the student's {qa} codes but export.gguf "
+                                 f"{self.export.gguf} does not list {qa}, so they would never be written; add it")
+        elif qa in ("q4_0", "q4_1") and qa in self.export.gguf and c.method in ("q8_0", "none"):
+            raise ValueError(f"distill.quantize_aware is {qa} and export.gguf lists {qa}, but compress.method "
+                             f"'{c.method}' would re-quantize the trained weights; set compress.method: qat to write "
+                             f"the student's own {qa} codes bit for bit")
         return self
 
     def quick(self) -> "Recipe":

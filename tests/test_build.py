@@ -154,3 +154,51 @@ def test_cli_serves_the_build_to_the_openai_client(built):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q4_1"])
+def test_build_exports_a_4bit_quantize_aware_student_bit_for_bit(tiny_model_dir, tmp_path, grid):
+    """distill.quantize_aware q4_x + compress.method qat: the GGUF holds exactly the fake-quantized weights."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from edgedistill.export.gguf import permute_rows
+    from edgedistill.models import load_causal_lm
+    r = tiny_recipe(tiny_model_dir, distill={"steps": 3, "quantize_aware": grid}, compress={"method": "qat"},
+                    export={"gguf": [grid], "onnx": False}, eval={"windows": 2})
+    manifest = run_build(r, tmp_path / "b", log=lambda _: None)
+    assert manifest.stages["compress"]["metrics"]["from_quantize_aware_training"] is True
+    assert manifest.stages["export"]["metrics"]["gguf"][f"export/student-{grid}.gguf"]["from_codes"] is True
+    student = load_causal_lm(str(tmp_path / "b" / "student"))
+    cfg = student.config
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "b" / "export" / f"student-{grid}.gguf").tensors}
+    short = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    checked = 0
+    for n, p in student.named_parameters():
+        if not n.startswith("model.layers.") or p.ndim != 2:
+            continue
+        i, rest = n.split(".")[2], ".".join(n.split(".")[3:-1])
+        t = tensors[f"blk.{i}.{short[rest]}.weight"]
+        assert t.tensor_type == getattr(gguf.GGMLQuantizationType, grid.upper()), n
+        want = p.detach().float().numpy()
+        if rest in ("self_attn.q_proj", "self_attn.k_proj"):
+            want = permute_rows(want, cfg.num_attention_heads if rest.endswith("q_proj") else cfg.num_key_value_heads)
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), n
+        checked += 1
+    assert checked == 7 * cfg.num_hidden_layers
+    emb = gguf.quants.dequantize(np.asarray(tensors["token_embd.weight"].data), tensors["token_embd.weight"].tensor_type)
+    assert torch.equal(torch.from_numpy(emb), student.get_input_embeddings().weight.detach())
+
+
+def test_recipe_asks_for_qat_passthrough_of_4bit_students(tiny_model_dir):
+    from edgedistill.errors import RecipeError
+    with pytest.raises(RecipeError, match="set compress.method: qat"):
+        tiny_recipe(tiny_model_dir, distill={"quantize_aware": "q4_0"}, export={"gguf": ["q4_0"]})
+    with pytest.raises(RecipeError, match="set distill.quantize_aware"):
+        tiny_recipe(tiny_model_dir, compress={"method": "qat"})
+    with pytest.raises(RecipeError, match="does not list q4_1"):
+        tiny_recipe(tiny_model_dir, distill={"quantize_aware": "q4_1"}, compress={"method": "qat"})

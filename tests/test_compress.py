@@ -295,3 +295,101 @@ def test_batched_and_looped_pruning_solves_agree():
         b = sweep(W, U, pruning=pruning, batched_solve=False)
         assert torch.equal(a.mask, b.mask)
         assert torch.allclose(a.weight, b.weight, atol=1e-4 * W.abs().max().item())
+
+
+# ---------------------------------------------------------------- OWL per-block sparsity
+def test_owl_profile_mean_bounds_and_order():
+    from edgedistill.compress.owl import owl_profile
+    ratios = [0.010, 0.050, 0.020, 0.030, 0.010]
+    s = owl_profile(ratios, 0.5, 0.08)
+    assert sum(s) / len(s) == pytest.approx(0.5, abs=1e-12)
+    assert all(0.42 - 1e-12 <= x <= 0.58 + 1e-12 for x in s) and min(s) == pytest.approx(0.42)
+    order = sorted(range(5), key=lambda i: ratios[i])
+    assert [s[i] for i in order] == sorted(s, reverse=True)  # more outliers → less sparsity
+    assert owl_profile([0.02] * 3, 0.6, 0.1) == [0.6] * 3
+    with pytest.raises(CompressError, match="owl_lambda"):
+        owl_profile(ratios, 0.9, 0.2)
+
+
+def test_owl_whole_model_spares_the_block_with_outliers(tiny_model_dir, calib):
+    model = _tiny(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make block 2 hold many outlier weights: 3% of each of its linears scaled ×40
+        for mod in model.model.layers[2].modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight.view(-1)
+                w[torch.randperm(w.numel(), generator=g)[: w.numel() * 3 // 100]] *= 40.0
+    _, metrics = obs_compress(model, calib, ObsConfig(sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1,
+                                                      device="cpu"))
+    prof = metrics["sparsity_profile"]
+    ratios, planned = prof["outlier_ratios"], prof["block_sparsity"]
+    assert max(range(4), key=lambda i: ratios[i]) == 2 and min(range(4), key=lambda i: planned[i]) == 2
+    assert sum(planned) / 4 == pytest.approx(0.5, abs=1e-9)
+    actual = []
+    for blk in model.model.layers:
+        ws = [m.weight for m in blk.modules() if isinstance(m, torch.nn.Linear)]
+        actual.append(sum(int((x == 0).sum()) for x in ws) / sum(x.numel() for x in ws))
+    assert actual == pytest.approx(planned, abs=2e-3)  # each block pruned to its own target
+    assert sum(actual) / 4 == pytest.approx(0.5, abs=2e-3)
+    assert actual[2] == min(actual) and actual[2] < 0.5 - 0.05
+
+
+def test_owl_bad_input_names_the_field(tiny_model_dir, calib):
+    from edgedistill.errors import RecipeError
+    from edgedistill.recipe import parse_recipe
+    with pytest.raises(RecipeError, match="sparsity_profile 'owl' needs method 'sparsegpt' with pattern"):
+        parse_recipe({"compress": {"method": "sparsegpt", "pattern": "2:4", "sparsity_profile": "owl"}})
+    with pytest.raises(RecipeError, match="owl_lambda"):
+        parse_recipe({"compress": {"method": "sparsegpt", "sparsity": 0.9, "owl_lambda": 0.2,
+                                   "sparsity_profile": "owl"}})
+    assert parse_recipe({"compress": {"method": "sparsegpt", "sparsity_profile": "owl"}}).compress.owl_threshold == 5.0
+    with pytest.raises(CompressError, match="needs compress.pattern 'unstructured'"):
+        obs_compress(_tiny(tiny_model_dir), calib, ObsConfig(pattern="2:4", sparsity_profile="owl", device="cpu"))
+
+
+def test_cli_compress_owl(tmp_path, tiny_model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgedistill.cli import app
+    res = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5",
+                                   "--sparsity-profile", "owl", "--owl-lambda", "0.1", "--owl-threshold", "4",
+                                   "--calib-windows", "4", "--calib-seq-len", "64", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    prof = json.loads((tmp_path / "c" / "compress_metrics.json").read_text())["sparsity_profile"]
+    assert prof["kind"] == "owl" and prof["threshold"] == 4.0 and prof["lambda"] == 0.1
+    assert sum(prof["block_sparsity"]) / 4 == pytest.approx(0.5, abs=1e-9)
+
+
+def test_qat_passthrough_checks_codes_against_weights(tmp_path, tiny_model_dir):
+    from edgedistill.compress.rtn import save_codes
+    from edgedistill.compress.stage import qat_passthrough
+    from edgedistill.distill.qat import export_codes
+    model = _tiny(tiny_model_dir)
+    save_codes(export_codes(model, "q4_1"), tmp_path / "codes.safetensors")
+    codes, metrics = qat_passthrough(model, tmp_path / "codes.safetensors")
+    assert metrics["grid"] == "q4_1" and len(codes) == metrics["quantized_tensors"] > 0
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(CompressError, match="model.layers.1.mlp.up_proj.weight' differs"):
+        qat_passthrough(model, tmp_path / "codes.safetensors")
+    with pytest.raises(CompressError, match="does not exist"):
+        qat_passthrough(model, tmp_path / "missing.safetensors")
+
+
+def test_groups_compressed_side_by_side_match_one_by_one(tiny_model_dir, calib):
+    """cpu_threads ≥ 2 runs a block's input groups concurrently, one thread each: same masks, same errors."""
+    results = []
+    for threads in (1, 2):
+        model = _tiny(tiny_model_dir)
+        _, metrics = obs_compress(model, calib, ObsConfig(sparsity=0.5, device="cpu", cpu_threads=threads,
+                                                          forward_dtype="float32"))
+        results.append((metrics, _block_linears(model)))
+    (m1, lin1), (m2, lin2) = results
+    assert m1["layers"].keys() == m2["layers"].keys() and len(m1["layers"]) == 28
+    for name in m1["layers"]:
+        assert m2["layers"][name]["rel_error"] == pytest.approx(m1["layers"][name]["rel_error"], rel=0.02, abs=1e-5)
+    for name in lin1:
+        assert ((lin1[name].weight == 0) != (lin2[name].weight == 0)).float().mean() < 0.01, name
+    assert torch.get_num_threads() >= 1

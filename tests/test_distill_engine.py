@@ -276,3 +276,13 @@ def test_real_teacher_offline_cache_jsd(tmp_path):
     m = distill(teacher, student, data, KDConfig(steps=8, batch_size=4, seq_len=64, lr=1e-3,
                                                  loss=LossSpec("jsd", beta=0.5)), tmp_path / "s")
     assert m["loss_last"] < m["loss_first"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; a GPU would load the 4-bit teacher")
+def test_4bit_teacher_is_refused_clearly_on_cpu(tiny_model_dir):
+    from edgedistill.distill.teacher import load_teacher
+    from edgedistill.recipe import parse_recipe
+    assert parse_recipe({"distill": {"teacher_quant": "nf4"}}).distill.teacher_quant == "nf4"
+    with pytest.raises(DistillError, match="teacher_quant 'nf4'.*CUDA GPU"):
+        load_teacher(str(tiny_model_dir), "nf4")
+    assert load_teacher(str(tiny_model_dir), "none").dtype == torch.float32

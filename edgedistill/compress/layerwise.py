@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CompressError, DistillError
+from ..blocks import decoder_layers
+from ..errors import CompressError
 from ..progress import progress_bar
 from .obs import sweep_threads
 
@@ -31,11 +32,7 @@ class _Captured(Exception):
 
 
 def decoder_blocks(model) -> torch.nn.ModuleList:
-    from ..distill.prune import decoder_layers
-    try:
-        return decoder_layers(model)
-    except DistillError as e:
-        raise CompressError(str(e).replace("pruning", "compression")) from None
+    return decoder_layers(model, CompressError, "compression")
 
 
 def _to(obj: Any, device, dtype) -> Any:
@@ -147,13 +144,18 @@ def collect_hessians(block, inputs: BlockInputs, linears: dict[str, torch.nn.Lin
                 groups[name] = InputGroup([name], HessianAccumulator(x.shape[-1], device))
             if leader[name] == name:
                 groups[name].hessian.add(x)
+            if not first_batch[0] and name == order[-1]:
+                raise _Captured  # the rest of the block (down_proj's product, the residual) feeds no Hessian
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in linears.items()]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs):
-            out = block(h, **kw)
-            del out
+            try:
+                out = block(h, **kw)
+                del out
+            except _Captured:
+                pass
             first_batch[0] = False
             seen.clear()
     finally:
@@ -183,6 +185,25 @@ def compress_layerwise(model, windows: list[list[int]], compress_group: Compress
         return _compress_layerwise(model, windows, compress_group, device, forward_dtype, batch_size, label)
 
 
+def _compress_groups(compress_group: CompressGroup, i: int, groups: list[InputGroup], linears, device) -> list[dict]:
+    """Each group's compression, in order. On a multi-thread CPU pool the groups run side by side, one thread each:
+    a sweep is many small ops that a shared intra-op pool slows down (see obs.sweep_threads), while independent
+    single-threaded sweeps (their kernels release the GIL) fill the cores."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or len(groups) < 2:
+        return [compress_group(i, g, linears) for g in groups]
+    from concurrent.futures import ThreadPoolExecutor
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(groups))) as pool:
+            # largest first (rows × columns of the stacked weight), so the short ones fill in behind it
+            order = sorted(range(len(groups)), key=lambda k: -sum(linears[n].weight.numel() for n in groups[k].names))
+            futures = {k: pool.submit(compress_group, i, groups[k], linears) for k in order}
+            return [futures[k].result() for k in range(len(groups))]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _compress_layerwise(model, windows, compress_group, device, forward_dtype, batch_size, label) -> dict:
     blocks = decoder_blocks(model)
     t0 = time.perf_counter()
@@ -199,8 +220,8 @@ def _compress_layerwise(model, windows, compress_group, device, forward_dtype, b
             groups = collect_hessians(runner, inputs, block_linears(runner, f"layers.{i}"), device)
             timings["hessian_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            for g in groups:
-                for name, m in compress_group(i, g, linears).items():
+            for g, metrics in zip(groups, _compress_groups(compress_group, i, groups, linears, device)):
+                for name, m in metrics.items():
                     per_layer[f"layers.{i}.{name}"] = m
                 del g.hessian
             timings["sweep_s"] += time.perf_counter() - t

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..blocks import layers_prefix
 from ..errors import CompressError
 from .grids import GRIDS, QuantCodes
 from .layerwise import InputGroup, compress_layerwise, decoder_blocks
@@ -31,6 +32,9 @@ class ObsConfig:
     forward_dtype: str = "bfloat16"
     batch_size: int = 8
     cpu_threads: int = 1                  # see layerwise.compress_layerwise
+    sparsity_profile: str = "uniform"     # uniform | owl: per-block sparsity from outlier ratios (compress/owl.py)
+    owl_threshold: float = 5.0            # OWL's M: an outlier's |W|·‖X‖ exceeds M × its block's mean
+    owl_lambda: float = 0.08              # OWL's λ: block sparsities lie in [sparsity − λ, sparsity + λ]
 
 
 def parse_pruning(sparsity: float, pattern: str, field: str = "compress.pattern") -> Pruning | None:
@@ -65,10 +69,9 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
         raise CompressError("no calibration windows; compress needs calibration text.")
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.forward_dtype)
-    from ..distill.prune import layers_prefix
-    decoder_blocks(model)  # a model without a block list fails here, as a CompressError
-    prefix = layers_prefix(model)
+    prefix = layers_prefix(model, CompressError, "compression")  # a model without a block list fails here
     codes: dict[str, QuantCodes] = {}
+    block_pruning, profile = _block_pruning(model, windows, cfg, pruning, dtype)
 
     def compress_group(i: int, group: InputGroup, linears: dict[str, torch.nn.Linear]) -> dict:
         mods = [linears[n] for n in group.names]
@@ -78,7 +81,7 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
             bounds.append((r, r + m.out_features))
             r += m.out_features
         H = group.hessian.H
-        res, _ = compress_weight(W, H, f"{prefix}{i}.{'+'.join(group.names)}", pruning=pruning, grid=cfg.grid,
+        res, _ = compress_weight(W, H, f"{prefix}{i}.{'+'.join(group.names)}", pruning=block_pruning(i), grid=cfg.grid,
                                  act_order=cfg.act_order, damp=cfg.damp, segments=bounds, blocksize=cfg.blocksize)
         out = {}
         for n, m, (r0, r1), err in zip(group.names, mods, bounds, res.segment_errors):
@@ -106,5 +109,26 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
     metrics = {"config": asdict(cfg), "device": str(device), "calib_windows": len(windows),
                "calib_tokens": sum(map(len, windows)), "block_linear_sparsity": round(zero / max(total, 1), 4),
                "mean_rel_error": round(sum(errs) / len(errs), 6), "max_rel_error": round(max(errs), 6),
-               "quantized_tensors": len(codes), **result}
+               "quantized_tensors": len(codes), **({"sparsity_profile": profile} if profile else {}), **result}
     return codes, metrics
+
+
+def _block_pruning(model, windows, cfg: ObsConfig, pruning: Pruning | None, dtype):
+    """Block index → its Pruning: the same everywhere (uniform), or OWL's per-block sparsity (plus its record)."""
+    if cfg.sparsity_profile == "uniform":
+        return (lambda i: pruning), None
+    if cfg.sparsity_profile != "owl":
+        raise CompressError(f"compress.sparsity_profile = '{cfg.sparsity_profile}': expected 'uniform' or 'owl'.")
+    if pruning is None or pruning.structured_nm:
+        raise CompressError("compress.sparsity_profile 'owl' sets unstructured sparsity per block: it needs "
+                            "compress.pattern 'unstructured' and a compress.sparsity in (0, 1).")
+    if cfg.owl_threshold <= 0:
+        raise CompressError(f"compress.owl_threshold = {cfg.owl_threshold}: must be > 0 (OWL uses 3-10).")
+    from .owl import outlier_ratios, owl_profile
+    cpu = next(model.parameters()).device.type == "cpu"
+    with torch.autocast("cpu", dtype=dtype, enabled=cpu and dtype != torch.float32):
+        ratios = outlier_ratios(model, windows, cfg.owl_threshold, cfg.batch_size)
+    per_block = owl_profile(ratios, pruning.sparsity, cfg.owl_lambda)
+    record = {"kind": "owl", "threshold": cfg.owl_threshold, "lambda": cfg.owl_lambda,
+              "outlier_ratios": [round(r, 6) for r in ratios], "block_sparsity": [round(s, 6) for s in per_block]}
+    return (lambda i: Pruning(sparsity=per_block[i])), record

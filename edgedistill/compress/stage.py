@@ -28,6 +28,28 @@ def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*.safetensors"))
 
 
+def qat_passthrough(model, codes_file: Path) -> tuple[dict, dict]:
+    """The codes a quantize-aware student was trained through, checked against the weights it holds: every coded
+    tensor must dequantize bit for bit to the model's value, so the GGUF written from them is what torch evaluates."""
+    import torch
+
+    from .grids import dequantize
+    if not codes_file.is_file():
+        raise CompressError(f"compress.method 'qat': {codes_file} does not exist. It is written by a distillation "
+                            f"with distill.quantize_aware set (q8_0, q4_0, q4_1); train with it or pick another method.")
+    codes = load_codes(codes_file)
+    params = dict(model.named_parameters())
+    for name, qc in codes.items():
+        if name not in params:
+            raise CompressError(f"compress.method 'qat': {codes_file} holds codes for '{name}', which the model lacks; "
+                                f"the codes file belongs to another model.")
+        if not torch.equal(dequantize(qc).to(params[name].dtype), params[name].data):
+            raise CompressError(f"compress.method 'qat': '{name}' differs from the dequantized {qc.grid} codes in "
+                                f"{codes_file}; the model was changed after quantize-aware training.")
+    grid = next(iter(codes.values())).grid
+    return codes, {"grid": grid, "from_quantize_aware_training": True, "quantized_tensors": len(codes)}
+
+
 def compress_model(model_dir: str | Path, out_dir: Path, spec, tokenizer, calib: list[list[int]],
                    heldout: list[list[int]], qat_codes: Path | None = None) -> dict:
     """Compress the model in `model_dir` as `spec` (a recipe CompressSpec) says; write `out_dir`."""
@@ -38,7 +60,9 @@ def compress_model(model_dir: str | Path, out_dir: Path, spec, tokenizer, calib:
     t0 = time.perf_counter()
     ppl_before = _ppl(model, heldout)
     codes: dict = {}
-    if spec.method == "q8_0" and qat_codes is not None and Path(qat_codes).is_file():
+    if spec.method == "qat":
+        codes, metrics = qat_passthrough(model, Path(qat_codes) if qat_codes else Path(model_dir) / "qat" / CODES_FILE)
+    elif spec.method == "q8_0" and qat_codes is not None and Path(qat_codes).is_file():
         # The student was trained through this grid: its codes are the export, bit for bit.
         codes, metrics = load_codes(Path(qat_codes)), {"grid": "q8_0", "from_quantize_aware_training": True}
     elif spec.method == "q8_0":
@@ -48,7 +72,8 @@ def compress_model(model_dir: str | Path, out_dir: Path, spec, tokenizer, calib:
         cfg = ObsConfig(sparsity=spec.sparsity if spec.method == "sparsegpt" and spec.pattern == "unstructured" else 0.0,
                         pattern=spec.pattern if spec.method == "sparsegpt" else "unstructured",
                         grid=grid, act_order=spec.act_order, damp=spec.damp, blocksize=spec.blocksize,
-                        device=spec.device)
+                        device=spec.device, sparsity_profile=spec.sparsity_profile,
+                        owl_threshold=spec.owl_threshold, owl_lambda=spec.owl_lambda)
         codes, metrics = obs_compress(model, calib, cfg)
     elif spec.method == "structured":
         from .structured import structured_prune

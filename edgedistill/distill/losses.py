@@ -84,9 +84,15 @@ def _teacher_logits(teacher, rows: slice, vocab: int, acc: torch.dtype) -> torch
     return out.scatter_(-1, idx, lp)
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row Σ a·b [n, V] → [n] in one pass: a batched GEMV; linalg.vecdot multiplies into an [n, V] temporary
+    on CPU, a whole extra pass over the chunk's logits."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ a·b without a temporary of a's size."""
-    return torch.linalg.vecdot(a, b).sum()
+    """Σ a·b without a temporary of a's size (per-row dots, then their sum)."""
+    return _rowdot(a, b).sum()
 
 
 def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None,
@@ -117,13 +123,14 @@ def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.
             g = ls.sub_(lm).mul_(1 - b)                # dJSD/dq; the p-terms cancel through m
             del pt, lm
         # Softmax Jacobian: dL/d(z/T) = q ⊙ (g − ⟨q, g⟩).
-        rowdot = torch.linalg.vecdot(qs, g).unsqueeze(-1)
+        rowdot = _rowdot(qs, g).unsqueeze(-1)
         grad = qs.mul_(g.sub_(rowdot))
         del g, qs
     del ls, lt
     scale = (1.0 - spec.ce_weight) * T  # T² · (1/T) from the chain rule through z/T
     loss = loss * (1.0 - spec.ce_weight) * T * T
-    grad.mul_(scale)
+    if scale != 1.0:
+        grad.mul_(scale)
     if spec.ce_weight > 0.0 and labels is not None:
         valid = labels >= 0
         if valid.any():

@@ -11,22 +11,13 @@ from pathlib import Path
 
 import torch
 
+from .. import blocks
 from ..errors import DistillError
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The list of transformer blocks of a HF decoder-only model."""
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise DistillError(f"{type(model).__name__}: no block list found (looked for model.layers, transformer.h, "
-                       "model.decoder.layers, gpt_neox.layers). This architecture is not supported for pruning.")
+    return blocks.decoder_layers(model, DistillError, "pruning")
 
 
 @torch.no_grad()
@@ -99,11 +90,7 @@ def depth_pruned_copy(model, keep_layers: list[int]):
 
 def layers_prefix(model) -> str:
     """The state-dict prefix of the block list, e.g. 'model.layers.'."""
-    layers = decoder_layers(model)
-    for name, mod in model.named_modules():
-        if mod is layers:
-            return name + "."
-    raise DistillError("block list not reachable by name")  # pragma: no cover
+    return blocks.layers_prefix(model, DistillError, "pruning")
 
 
 def make_depth_pruned_student(teacher, tokenizer, windows: list[list[int]], keep_ratio: float, out_dir: Path,

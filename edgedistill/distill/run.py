@@ -14,7 +14,7 @@ from ..data.tokens import windows
 from ..errors import DataError, DistillError
 from ..recipe import DistillSpec
 from .losses import LossSpec
-from .teacher import CachedTeacherBatches, build_teacher_cache
+from .teacher import CachedTeacherBatches, build_teacher_cache, load_teacher, place
 from .train import KDConfig, distill, pick_device
 
 
@@ -61,8 +61,8 @@ def run_distill(teacher, student, tokenizer, d: DistillSpec, train_stream: list[
         need = d.steps * d.batch_size * d.grad_accum
         wins = windows(train_stream, d.seq_len, need, what="training data")
         device = pick_device()
-        cache_info = build_teacher_cache(teacher.to(device).eval(), wins, d.top_k, work_dir / "teacher_topk.safetensors")
-        teacher.to("cpu")
+        cache_info = build_teacher_cache(place(teacher, device).eval(), wins, d.top_k, work_dir / "teacher_topk.safetensors")
+        place(teacher, "cpu")
         data = CachedTeacherBatches(work_dir / "teacher_topk.safetensors", d.batch_size, d.seed)
     heldout = heldout_batches(heldout_windows, d.batch_size) if heldout_windows and d.eval_every else None
     metrics = distill(teacher, student, data, cfg, out_dir, tokenizer=tokenizer, heldout=heldout, prompts=prompts,
@@ -83,7 +83,7 @@ def distill_from_paths(teacher: str, student: str, data: str, out_dir: Path, d: 
     from .train import evaluate_kd
 
     teacher_dir = resolve_model(teacher)
-    t_model = load_causal_lm(teacher_dir)
+    t_model = load_teacher(teacher_dir, d.teacher_quant)
     tokenizer = load_tokenizer(teacher_dir)
     stream, held = None, None
     if data.endswith(".jsonl"):

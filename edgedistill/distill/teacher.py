@@ -17,6 +17,34 @@ from ..errors import DistillError
 from .losses import TopKTeacher
 
 
+def load_teacher(path: str, quant: str = "none"):
+    """The teacher model: fp32 as stored, or (`quant` 'nf4', CUDA only) 4-bit NF4 weights through bitsandbytes with
+    bf16 compute, placed on the GPU; its lm_head stays unquantized, so the fused KD loss reads it as usual."""
+    from ..models import load_causal_lm
+    if quant == "none":
+        return load_causal_lm(path)
+    if quant != "nf4":
+        raise DistillError(f"distill.teacher_quant '{quant}' is unknown; expected 'none' or 'nf4'.")
+    if not torch.cuda.is_available():
+        raise DistillError("distill.teacher_quant 'nf4' loads the teacher in 4 bits through bitsandbytes, which needs a "
+                           "CUDA GPU, and none is visible. Use teacher_quant: none (or teacher_mode: offline) on CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DistillError("distill.teacher_quant 'nf4' needs bitsandbytes: pip install -e '.[gpu]'.") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map={"": torch.cuda.current_device()},
+                                                dtype=torch.bfloat16).eval()
+
+
+def place(model, device):
+    """model.to(device), except for a bitsandbytes-quantized model, which lives where it was loaded."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return model
+    return model.to(device)
+
+
 def cache_bytes_per_token(k: int, vocab: int) -> int:
     return 4 + k * (2 + (2 if vocab <= 65536 else 4))
 

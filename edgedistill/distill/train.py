@@ -23,7 +23,7 @@ from ..errors import DistillError
 from ..progress import progress_bar
 from . import qat
 from .losses import DenseTeacher, LossSpec, TopKTeacher, kd_loss
-from .teacher import CachedTeacherBatches, generate_completions
+from .teacher import CachedTeacherBatches, generate_completions, place
 
 CHECKPOINT = "checkpoint.pt"
 QAT_DIR = "qat"  # holds the grid codes of a quantize-aware student
@@ -153,7 +153,7 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     if (cfg.on_policy_fraction or cfg.sequence_kd_fraction) and prompts is None:
         raise DistillError("on-policy / sequence-level KD needs prompts: give prompt JSONL or text data.")
     offline = isinstance(data, CachedTeacherBatches)
-    teacher.to(device).eval().requires_grad_(False)
+    place(teacher, device).eval().requires_grad_(False)
     student.to(device).train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -255,7 +255,7 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
                "loss_curve": [round(x, 5) for x in losses], "step_seconds": [round(x, 4) for x in step_seconds],
                "evals": evals}
     student.eval().to("cpu")
-    teacher.to("cpu")
+    place(teacher, "cpu")
     if rank == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if cfg.quantize_aware:
