@@ -185,10 +185,15 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     out = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and (part in UNION_TAGS or "[" in part):
+            continue  # pydantic names the union member it tried ('str', 'list[str]'): not a field
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
 
@@ -228,21 +233,23 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int = 1024,
                backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
-               ui: bool = False, llm: str | None = None, llm_api_key: str | None = None) -> FastAPI:
+               ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
+               llm_timeout: float = 120.0, stall_timeout_s: float | None = 600.0) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
     context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
     Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
-    `llm_api_key`) or another build folder / GGUF."""
+    `llm_api_key`) or another build folder / GGUF; `llm_timeout` bounds its wait for a first token and any
+    silence mid-answer. A generation that sends nothing for `stall_timeout_s` ends in a 504 error."""
     target = Path(target)
     if backend is None:
         gguf = pick_gguf(target)
         name = target.resolve().name if target.is_dir() else gguf.stem
         backend = LlamaCppBackend(gguf, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
                                   max_queue=max_queue, name=name)
-    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
-    service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback)
+    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads, timeout=llm_timeout) if llm else None
+    service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback, stall_timeout_s=stall_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -266,10 +273,10 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     return app
 
 
-def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None) -> Backend:
+def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None, timeout: float = 120.0) -> Backend:
     if llm.startswith(("http://", "https://")):
         from .remote import RemoteBackend
-        return RemoteBackend(llm, api_key=api_key)
+        return RemoteBackend(llm, api_key=api_key, timeout=timeout)
     gguf = pick_gguf(Path(llm))
     return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=f"llm-{gguf.stem}")
 

@@ -5,6 +5,10 @@ forwards requests for it, streaming. Each request runs on its own thread; failur
 first token (connection errors, 429, 5xx) are retried with backoff, failures after it are not
 (the client already has part of the answer). Reasoning the remote sends in a `reasoning` /
 `reasoning_content` field is re-wrapped in <think> tags, so the service splits it like ours.
+
+`timeout` bounds the wait for the first token, retries included, and any silence between two chunks.
+Every way a request can go wrong ends in exactly one `Failed` event: a stream that stops before the
+remote said it was finished (no finish_reason, no `[DONE]`) is a failure, never a short answer.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ class RemoteBackend:
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers)
         self.model = model or self._first_model()
         self.name = name or self.model
-        self.retries, self.backoff_s, self.max_concurrent = retries, backoff_s, max_concurrent
+        self.retries, self.backoff_s, self.max_concurrent, self.timeout = retries, backoff_s, max_concurrent, timeout
         self._active = 0
         self._lock = threading.Lock()
 
@@ -72,26 +76,44 @@ class RemoteBackend:
                 **({"stop": list(params.stop)} if params.stop else {}),
                 **({"messages": [dict(m) for m in prompt.messages]} if chat else {"prompt": prompt.text})}
         url = f"{self.base_url}/{'chat/completions' if chat else 'completions'}"
+        deadline = time.monotonic() + self.timeout
+        sent = [0]  # pieces already emitted: after the first one, nothing is retried
+
+        def counted(ev: Event) -> None:
+            sent[0] += isinstance(ev, Delta)
+            emit(ev)
         try:
             for attempt in range(self.retries + 1):
-                last = attempt == self.retries
+                left = deadline - time.monotonic()
                 try:
-                    outcome = self._stream(job, url, body, chat, emit)
+                    outcome = self._stream(job, url, body, chat, counted, max(left, 0.01))
+                except httpx.TimeoutException:
+                    outcome = f"!the remote model at {self.base_url} did not answer within {self.timeout:g} s"
                 except httpx.TransportError as e:
                     outcome = f"the remote model at {self.base_url} is unreachable ({type(e).__name__})"
+                    if sent[0]:
+                        outcome = f"!the connection to the remote model at {self.base_url} broke mid-answer " \
+                                  f"({type(e).__name__}); the answer is incomplete"
+                except ValueError as e:  # a chunk that is not JSON
+                    outcome = f"!the remote model at {self.base_url} sent a malformed stream ({e})"
                 if outcome is None:
                     return
-                if isinstance(outcome, str) and (last or outcome.startswith("!")):
+                pause = self.backoff_s * 2 ** attempt
+                if attempt == self.retries or outcome.startswith("!") or time.monotonic() + pause >= deadline:
                     emit(Failed(outcome.lstrip("!"), 502))
                     return
-                time.sleep(self.backoff_s * 2 ** attempt)
+                time.sleep(pause)
+        except Exception as e:  # never die silently: the client would wait forever
+            emit(Failed(f"the remote model request failed: {type(e).__name__}: {e}", 502))
         finally:
             with self._lock:
                 self._active -= 1
 
-    def _stream(self, job: _RemoteJob, url: str, body: dict, chat: bool, emit: Callable[[Event], None]) -> str | None:
+    def _stream(self, job: _RemoteJob, url: str, body: dict, chat: bool, emit: Callable[[Event], None],
+                first_token_s: float) -> str | None:
         """None when done (or cancelled); an error message to retry; one starting with '!' not to retry."""
-        with self._http.stream("POST", url, json=body) as r:
+        timeout = httpx.Timeout(min(self.timeout, first_token_s), connect=min(first_token_s, 10.0))
+        with self._http.stream("POST", url, json=body, timeout=timeout) as r:
             if r.status_code != 200:
                 r.read()
                 try:
@@ -100,13 +122,20 @@ class RemoteBackend:
                     detail = r.text[:200]
                 msg = f"the remote model answered HTTP {r.status_code}: {detail}"
                 return msg if r.status_code in RETRYABLE else "!" + msg
-            finish, usage, pieces, thinking = "stop", None, 0, False
+            finish, usage, pieces, thinking, complete = "stop", None, 0, False, False
             for line in r.iter_lines():
                 if job.cancelled:
                     return None  # leaving the block closes the connection, which stops the remote generating
+                if line.strip() == "data: [DONE]":
+                    complete = True
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"a chunk is {type(chunk).__name__}, not an object")
+                if "error" in chunk:
+                    detail = chunk["error"].get("message") if isinstance(chunk["error"], dict) else chunk["error"]
+                    return f"!the remote model failed mid-answer: {detail}"
                 usage = chunk.get("usage") or usage
                 for c in chunk.get("choices") or []:
                     d = c.get("delta") or {}
@@ -123,6 +152,10 @@ class RemoteBackend:
                         pieces += 1
                         emit(Delta(out, 1))
                     finish = "length" if c.get("finish_reason") == "length" else finish
+                    complete = complete or bool(c.get("finish_reason"))
+            if not complete:
+                return (f"!the remote model's stream ended before the answer was complete (no finish_reason, "
+                        f"no [DONE]) after {pieces} pieces")
             if thinking:
                 emit(Delta("</think>", 0))
             usage = usage or {}

@@ -81,8 +81,10 @@ class ThinkSplitter:
 class Generation:
     """One backend generation seen from the event loop: an async iterator of events; closing it cancels."""
 
-    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams):
+    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams, *,
+                 stall_timeout_s: float | None = None):
         self.model = backend.name
+        self.stall_timeout_s = stall_timeout_s  # a backend silent this long has failed (a bug, not a slow model)
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.started = time.perf_counter()
@@ -111,7 +113,11 @@ class Generation:
         per wake-up rather than one per token."""
         try:
             while True:
-                ev = await self.queue.get()
+                try:
+                    ev = await asyncio.wait_for(self.queue.get(), self.stall_timeout_s)
+                except asyncio.TimeoutError:
+                    ev = Failed(f"the model '{self.model}' sent nothing for {self.stall_timeout_s:g} s; "
+                                "the generation was abandoned", 504)
                 while isinstance(ev, Delta) and not self.queue.empty():
                     nxt = self.queue.get_nowait()
                     if not isinstance(nxt, Delta):
@@ -139,7 +145,7 @@ class ChatService:
     """Serves `backend` (the default model) and optionally `fallback` (a larger model, listed second)."""
 
     def __init__(self, backend: Backend, *, max_tokens_cap: int, split_reasoning: bool = True,
-                 fallback: Backend | None = None):
+                 fallback: Backend | None = None, stall_timeout_s: float | None = 600.0):
         if max_tokens_cap < 1:
             raise ServeError(f"max_tokens_cap must be at least 1, got {max_tokens_cap}.")
         if fallback is not None and fallback.name == backend.name:
@@ -148,6 +154,7 @@ class ChatService:
         self.backends = {b.name: b for b in (backend, fallback) if b is not None}
         self.max_tokens_cap = max_tokens_cap
         self.split_reasoning = split_reasoning
+        self.stall_timeout_s = stall_timeout_s
         self.created = int(time.time())
         self.metrics = Metrics(queue_depth=lambda: backend.load().get("queue_depth", 0))
 
@@ -166,12 +173,13 @@ class ChatService:
     def start_chat(self, req: ChatCompletionRequest) -> Generation:
         backend = self._backend_for(req.model)
         params = self._params(req, default_max=self.max_tokens_cap)
-        return Generation(backend, Prompt(messages=tuple(m.as_template_message() for m in req.messages)), params)
+        return Generation(backend, Prompt(messages=tuple(m.as_template_message() for m in req.messages)), params,
+                          stall_timeout_s=self.stall_timeout_s)
 
     def start_completion(self, req: CompletionRequest) -> Generation:
         backend = self._backend_for(req.model)
         params = self._params(req, default_max=min(DEFAULT_COMPLETION_TOKENS, self.max_tokens_cap))
-        return Generation(backend, Prompt(text=req.text), params)
+        return Generation(backend, Prompt(text=req.text), params, stall_timeout_s=self.stall_timeout_s)
 
     def _params(self, req: SamplingRequest, *, default_max: int) -> SamplingParams:
         max_tokens = req.requested_max_tokens or default_max

@@ -1,0 +1,206 @@
+"""Reliability harnesses shared by the tests (short runs) and bench/reliability.py (long runs).
+
+- `fuzz_api`: schemathesis cases generated from the server's own OpenAPI schema (valid and invalid
+  requests), sent over real HTTP with a per-request timeout; counts 5xx answers and hangs.
+- `soak`: N concurrent streaming clients for a fixed time; errors, latency per window, server RSS.
+Everything talks to a real server on a loopback port.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+HANG_TIMEOUT_S = 30.0  # a request unanswered this long counts as a hang
+
+
+# ---------------------------------------------------------------- fuzzing
+@dataclass
+class FuzzReport:
+    requests: int = 0
+    responses_5xx: int = 0
+    hangs: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # one line per 5xx / hang / non-JSON error, for the message
+
+    def merge_status(self, status: int) -> None:
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+
+
+def fuzz_api(base_url: str, *, examples: int, timeout: float = HANG_TIMEOUT_S, seed: int = 0,
+             headers: dict[str, str] | None = None) -> FuzzReport:
+    """Up to `examples` positive and `examples` negative cases per operation of `base_url`'s OpenAPI schema."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    report = FuzzReport()
+    session = requests.Session()
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @hseed(seed)
+            @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def send(case) -> None:
+                report.requests += 1
+                label = f"{mode.value} {case.method} {case.formatted_path} body={str(case.body)[:200]!r}"
+                try:
+                    r = case.call(base_url=base_url, session=session, headers=headers, timeout=timeout)
+                except requests.Timeout:
+                    report.hangs += 1
+                    report.failures.append(f"hang (> {timeout}s): {label}")
+                    return
+                report.merge_status(r.status_code)
+                if r.status_code >= 500:
+                    report.responses_5xx += 1
+                    report.failures.append(f"{r.status_code}: {label} -> {r.text[:300]}")
+                elif r.status_code >= 400 and "error" not in _json_or_none(r):
+                    report.failures.append(f"{r.status_code} without an OpenAI error object: {label} -> {r.text[:200]}")
+            try:
+                send()
+            except Unsatisfiable:  # nothing invalid to generate for an operation without inputs
+                pass
+    return report
+
+
+def _json_or_none(r) -> dict:
+    try:
+        body = r.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+# ---------------------------------------------------------------- soak
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process `pid` (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class SoakReport:
+    seconds: float
+    requests: int
+    errors: int
+    error_samples: list[str]
+    p95_first_s: float
+    p95_last_s: float
+    rss_start: int
+    rss_end: int
+
+    @property
+    def rss_growth_pct(self) -> float:
+        return 100.0 * (self.rss_end - self.rss_start) / self.rss_start
+
+
+PROMPTS = ["def add(a, b):", "Explain a list.", "import os", "class Point:", "Write a loop.", "hello there",
+           "for i in range(10):", "What is a dict?"]
+
+
+def soak(base_url: str, *, server_pid: int, clients: int = 8, seconds: float = 20.0, warmup_s: float = 3.0,
+         window_s: float | None = None, max_tokens: int = 16, timeout: float = HANG_TIMEOUT_S) -> SoakReport:
+    """`clients` threads send streaming and non-streaming chat requests back to back for `warmup_s` + `seconds`.
+    RSS is read after the warm-up and at the end; p95 latency is compared over the first and last `window_s`
+    (default a quarter of the run) of the measured part. Every request must end in a 200 with a complete
+    answer (a finish_reason and, for streams, `[DONE]`)."""
+    window_s = window_s or seconds / 4
+    stop_at = [0.0]
+    lock = threading.Lock()
+    samples: list[tuple[float, float]] = []  # (finished at, latency)
+    errors: list[str] = []
+    measuring = threading.Event()
+
+    def client(i: int) -> None:
+        n = 0
+        with httpx.Client(timeout=timeout) as http:
+            while time.monotonic() < stop_at[0]:
+                n += 1
+                body = {"messages": [{"role": "user", "content": PROMPTS[(i + n) % len(PROMPTS)]}],
+                        "max_tokens": max_tokens, "temperature": 0.7, "seed": n, "stream": bool(n % 2)}
+                t0 = time.monotonic()
+                try:
+                    problem = _one_request(http, base_url, body)
+                except httpx.HTTPError as e:
+                    problem = f"{type(e).__name__}: {e}"
+                t1 = time.monotonic()
+                with lock:
+                    if problem:
+                        errors.append(problem)
+                    elif measuring.is_set():
+                        samples.append((t1, t1 - t0))
+
+    stop_at[0] = time.monotonic() + warmup_s + seconds
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup_s)
+    rss_start = rss_bytes(server_pid)
+    measuring.set()
+    t_start = time.monotonic()
+    for t in threads:
+        t.join(timeout=warmup_s + seconds + timeout + 5)
+    hung = sum(t.is_alive() for t in threads)
+    rss_end = rss_bytes(server_pid)
+    t_end = t_start + seconds
+    first = [lat for at, lat in samples if at <= t_start + window_s]
+    last = [lat for at, lat in samples if at >= t_end - window_s]
+    return SoakReport(seconds=seconds, requests=len(samples) + len(errors), errors=len(errors) + hung,
+                      error_samples=errors[:5] + [f"{hung} clients hung"] * bool(hung),
+                      p95_first_s=_p95(first), p95_last_s=_p95(last), rss_start=rss_start, rss_end=rss_end)
+
+
+def _one_request(http: httpx.Client, base_url: str, body: dict) -> str | None:
+    url = f"{base_url}/v1/chat/completions"
+    if not body["stream"]:
+        r = http.post(url, json=body)
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.text[:200]}"
+        finish = r.json()["choices"][0]["finish_reason"]
+        return None if finish in ("stop", "length") else f"finish_reason {finish!r}"
+    import json
+    finish, done = None, False
+    with http.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return f"HTTP {r.status_code}: {r.text[:200]}"
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return f"stream error: {chunk['error']}"
+                for c in chunk.get("choices") or []:
+                    finish = c.get("finish_reason") or finish
+    return None if done and finish in ("stop", "length") else f"incomplete stream (finish {finish!r}, done {done})"
+
+
+def _p95(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return xs[0] if xs else float("nan")
+    return statistics.quantiles(xs, n=20)[-1]
+
+
+def tiny_gguf(dest: Path, *, tokenizer=None) -> Path:
+    """A tiny random Llama (conftest's) written as an f16 GGUF: a real model llama.cpp serves in milliseconds."""
+    from conftest import make_tiny_llama, train_tokenizer
+
+    from edgedistill.export.gguf import write_gguf
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model_dir = make_tiny_llama(dest / "hf", tokenizer or train_tokenizer())
+    out = dest / "tiny-f16.gguf"
+    write_gguf(model_dir, out, dtype="f16")
+    return out
