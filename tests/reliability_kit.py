@@ -7,7 +7,12 @@ Everything talks to a real server on a loopback port.
 """
 from __future__ import annotations
 
+import contextlib
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +21,54 @@ from pathlib import Path
 import httpx
 
 HANG_TIMEOUT_S = 30.0  # a request unanswered this long counts as a hang
+
+
+# ---------------------------------------------------------------- `edgedistill serve` as a child process
+@dataclass
+class CliServer:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def cli_server(target: Path, *args: str, startup_s: float = 120.0):
+    """`edgedistill serve TARGET --port <free> ARGS...` as a child process (stdout+stderr to a file); yields a
+    CliServer once /health answers, and stops it (SIGTERM, then SIGKILL) afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = Path(tempfile.mkstemp(prefix="edgedistill-serve-", suffix=".log")[1])
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edgedistill.cli", "serve", str(target), "--port", str(port),
+                                 *args], stdout=out, stderr=subprocess.STDOUT, text=True)
+    server = CliServer(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            assert proc.poll() is None, f"the server exited: {server.output()[-3000:]}"
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up: {server.output()[-3000:]}"
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- fuzzing

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ServeError
 from .backend import Backend, LlamaCppBackend, pick_gguf
 from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
                       ModelCard, ModelList, Readiness)
@@ -126,8 +127,9 @@ class RequestContext:
     """Pure ASGI middleware (it must not buffer streams): an X-Request-Id on every response, the body size
     limit, per-route request counts and latency, and one structured access-log line (no headers, so no keys)."""
 
-    def __init__(self, app: Any, *, service: ChatService, max_body_bytes: int):
+    def __init__(self, app: Any, *, service: ChatService, max_body_bytes: int, log_prompts: bool = False):
         self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
+        self.log_prompts = log_prompts  # request bodies (prompts) in the access log only when asked
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -137,6 +139,7 @@ class RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         status = [500]
+        logged_body: list[bytes | None] = [None]
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -145,22 +148,35 @@ class RequestContext:
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                self._record(scope, status[0], started, request_id)
+                self._record(scope, status[0], started, request_id, logged_body[0])
 
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return await self._too_large(send_with_id)
-        seen = [0]
-
-        async def limited_receive() -> dict:
+        # The body is read here, bounded, whatever the framing (a chunked body has no Content-Length to check),
+        # then handed on in one piece; later receive() calls go to the server (disconnect detection).
+        chunks, size = [], 0
+        while scope.get("method") in ("POST", "PUT", "PATCH"):
             message = await receive()
-            seen[0] += len(message.get("body", b""))
-            if seen[0] > self.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
-                               code="request_too_large")
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return await self._too_large(send_with_id)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = [False]
 
-        await self.app(scope, limited_receive, send_with_id)
+        async def replay_receive() -> dict:
+            if not replayed[0]:
+                replayed[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        logged_body[0] = body if self.log_prompts else None
+        await self.app(scope, replay_receive, send_with_id)
 
     async def _too_large(self, send: Any) -> None:
         body = ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
@@ -169,13 +185,16 @@ class RequestContext:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def _record(self, scope: dict, status: int, started: float, request_id: str) -> None:
+    def _record(self, scope: dict, status: int, started: float, request_id: str, body: bytes | None) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         elapsed = time.perf_counter() - started
         self.service.metrics.requests.inc(route, str(status))
         self.service.metrics.latency.observe(elapsed, route)
-        access_log.info(json.dumps({"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
-                                    "route": route, "status": status, "duration_s": round(elapsed, 4)}))
+        line = {"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
+                "route": route, "status": status, "duration_s": round(elapsed, 4)}
+        if body:
+            line["body"] = body.decode("utf-8", "replace")
+        access_log.info(json.dumps(line))
 
 
 # ---------------------------------------------------------------- errors as OpenAI error objects
@@ -234,14 +253,18 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
                backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
                ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
-               llm_timeout: float = 120.0, stall_timeout_s: float | None = 600.0) -> FastAPI:
+               llm_timeout: float = 120.0, stall_timeout_s: float | None = 600.0,
+               cors_origins: list[str] | None = None, log_prompts: bool = False) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
     context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
     Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
     `llm_api_key`) or another build folder / GGUF; `llm_timeout` bounds its wait for a first token and any
-    silence mid-answer. A generation that sends nothing for `stall_timeout_s` ends in a 504 error."""
+    silence mid-answer. A generation that sends nothing for `stall_timeout_s` ends in a 504 error.
+    CORS is off unless `cors_origins` names the origins (no wildcard) that browsers may call from;
+    request bodies (prompts) reach the access log only with `log_prompts`."""
+    origins = _cors_origins(cors_origins)
     target = Path(target)
     if backend is None:
         gguf = pick_gguf(target)
@@ -262,7 +285,11 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     app.state.api_key = api_key
     app.include_router(probes)
     app.include_router(v1)
-    app.add_middleware(RequestContext, service=service, max_body_bytes=max_body_bytes)
+    if origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
+    app.add_middleware(RequestContext, service=service, max_body_bytes=max_body_bytes, log_prompts=log_prompts)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
@@ -271,6 +298,16 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
         from .demo import mount_demo
         mount_demo(app, api_key=api_key, model=backend.name)
     return app
+
+
+def _cors_origins(origins: list[str] | None) -> list[str]:
+    out = []
+    for o in origins or []:
+        if o == "*" or not re.fullmatch(r"https?://[^/\s*]+", o.rstrip("/")):
+            raise ServeError(f"--cors-origin {o!r} is not an origin; name each one explicitly, like "
+                             "https://app.example.com (scheme and host, no path, no wildcard).")
+        out.append(o.rstrip("/"))
+    return out
 
 
 def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None, timeout: float = 120.0) -> Backend:
@@ -287,8 +324,19 @@ def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
     import uvicorn
 
     app = create_app(Path(target), **kw)
+    _log_to_stderr(log_level)
     if kw.get("api_key") is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     if kw.get("ui"):
         log.warning("chat page: http://%s:%d/ui", host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _log_to_stderr(level: str) -> None:
+    """Our loggers (access log, errors) print next to uvicorn's; neither ever sees a request's headers."""
+    logger = logging.getLogger("edgedistill")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else logging.INFO)
