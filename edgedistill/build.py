@@ -8,7 +8,9 @@ intact on disk, is skipped.
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -287,6 +289,27 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+PAUSE_ENV = "EDGEDISTILL_TEST_PAUSE_STAGE"
+
+
+def _test_pause(name: str) -> None:
+    """Test-only hook for the crash-resume tests: with EDGEDISTILL_TEST_PAUSE_STAGE=<stage>, the build stops after
+    that stage wrote its outputs but before the manifest records it (the worst moment to be killed), prints
+    `paused in <stage>` and sleeps until killed. Unset (always, outside tests), it does nothing."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"paused in {name}", flush=True)
+        while True:
+            time.sleep(60)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """A build killed mid-write leaves atomic-write temporaries (`.<name>.<random>.tmp`, `.<name>.old-<pid>`);
+    they never look complete, but they take space: clear them before a new run."""
+    for p in out_dir.glob(".*"):
+        if p.name.endswith(".tmp") or ".old-" in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callable[[str], None] | None = None) -> Manifest:
     log = log or (lambda msg: console.print(msg))
     _quiet_libraries()
@@ -295,6 +318,7 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EdgeDistillError(f"cannot create output folder '{out_dir}': {e}. Choose a writable --out.") from None
+    _remove_stale_temporaries(out_dir)
     manifest = Manifest(out_dir)
     manifest.data["recipe"] = recipe.model_dump(mode="json")
     manifest.data["versions"] = package_versions()
@@ -311,6 +335,7 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
         manifest.invalidate(name)
         t0 = time.perf_counter()
         art = STAGES[name](ctx)
+        _test_pause(name)
         manifest.record(name, input_hash, time.perf_counter() - t0, art)
         log(f"[green]✓ {name}[/green] ({time.perf_counter() - t0:.1f}s)")
     manifest.data["build_seconds_last_run"] = round(time.perf_counter() - total, 2)

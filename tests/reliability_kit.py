@@ -8,6 +8,7 @@ Everything talks to a real server on a loopback port.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import statistics
 import subprocess
@@ -257,3 +258,109 @@ def tiny_gguf(dest: Path, *, tokenizer=None) -> Path:
     out = dest / "tiny-f16.gguf"
     write_gguf(model_dir, out, dtype="f16")
     return out
+
+
+# ---------------------------------------------------------------- build crash-resume
+# Stages whose outputs are a pure function of their inputs on one machine: the resumed build must match a
+# clean one bit for bit. Not here: `teacher` (no outputs), `eval` (no outputs; its metrics include measured
+# decode tokens/s), `devices` (the `host` profile measures this machine's bandwidth and GEMM rate, so
+# device.json differs run to run), `report` (report.md / report.png show timings).
+DETERMINISTIC_STAGES = ("student_init", "distill", "compress", "export")
+
+
+def tiny_build_recipe(path: Path, teacher_dir: Path, *, onnx: bool = True) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "teacher": {"model": str(teacher_dir)}, "student": {"calib_windows": 2},
+        "data": {"max_chars": 60_000},
+        "distill": {"steps": 8, "batch_size": 4, "seq_len": 64, "lr": 2e-3, "warmup_steps": 2},
+        "export": {"onnx": onnx}, "eval": {"windows": 2, "seq_len": 64, "decode_tokens": 8}}))
+    return path
+
+
+def _build_cmd(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "edgedistill.cli", "build", str(recipe), "--out", str(out)]
+
+
+def run_build_cli(recipe: Path, out: Path, timeout: float = 600) -> str:
+    r = subprocess.run(_build_cmd(recipe, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:]
+    return r.stdout
+
+
+def build_killed_in(stage: str, recipe: Path, out: Path, timeout: float = 600) -> str:
+    """Run the build with the test pause hook on `stage`; kill -9 it once it pauses there. Returns its output."""
+    import signal
+    env = {**os.environ, "EDGEDISTILL_TEST_PAUSE_STAGE": stage, "PYTHONUNBUFFERED": "1"}
+    log = out.parent / f"{out.name}-{stage}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_build_cmd(recipe, out), stdout=f, stderr=subprocess.STDOUT, env=env, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while f"paused in {stage}" not in log.read_text():
+            assert proc.poll() is None, f"the build ended before pausing in {stage}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no pause in {stage} within {timeout} s"
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return log.read_text()
+
+
+def stage_records(out: Path) -> dict:
+    import json
+    return json.loads((out / "manifest.json").read_text())["stages"]
+
+
+@dataclass
+class CrashResumeReport:
+    stages_killed: list[str]
+    problems: list[str]
+    deterministic_equal: dict[str, bool]
+    other_equal: dict[str, bool]
+    differing_files: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(self.deterministic_equal.values())
+
+
+def crash_resume(recipe: Path, out: Path, clean_out: Path, stages: list[str]) -> CrashResumeReport:
+    """kill -9 the build once in each of `stages` (in order), each run resuming the last; then finish it and
+    compare with a clean build. Checks after every kill: the manifest is valid, stages before the killed one are
+    recorded with intact outputs, the killed one is not; the next run skips (does not recompute) all of them."""
+    from edgedistill.artifacts import Manifest
+    problems: list[str] = []
+    before: dict = {}
+    for i, stage in enumerate(stages):
+        text = build_killed_in(stage, recipe, out)
+        for done in stages[:max(i - 1, 0)]:  # stages[i - 1] was killed before it was recorded: it runs again
+            if f"✓ {done}: up to date, skipped" not in text:
+                problems.append(f"after the kill in {stages[i - 1]}, {done} was recomputed instead of skipped")
+        try:
+            recs = stage_records(out)
+        except (OSError, ValueError) as e:
+            problems.append(f"killed in {stage}: manifest unreadable ({e})")
+            continue
+        if stage in recs:
+            problems.append(f"killed in {stage}: the manifest records it as done")
+        manifest = Manifest(out)
+        for done in stages[:i]:
+            if recs.get(done, {}).get("status") != "done" or not manifest.outputs_intact(done):
+                problems.append(f"killed in {stage}: earlier stage {done} lost or damaged")
+            elif done in before and recs[done]["finished_at"] != before[done]:
+                problems.append(f"killed in {stage}: {done} was run again")
+            before.setdefault(done, recs[done]["finished_at"] if done in recs else None)
+    text = run_build_cli(recipe, out)
+    for done in stages[:-1]:
+        if f"✓ {done}: up to date, skipped" not in text:
+            problems.append(f"final run recomputed {done}")
+    if not (out / "manifest.json").is_file() or any(p.name.endswith(".tmp") for p in out.glob(".*")):
+        problems.append("temporaries left behind after the resumed build")
+    resumed, clean = stage_records(out), stage_records(clean_out)
+    files = {s: {o["path"]: o["sha256"] for o in resumed[s]["outputs"]} for s in resumed}
+    differing = sorted(o["path"] for s in clean for o in clean[s]["outputs"] if files.get(s, {}).get(o["path"]) != o["sha256"])
+    same = {s: files.get(s) == {o["path"]: o["sha256"] for o in clean[s]["outputs"]} for s in clean}
+    return CrashResumeReport(stages, problems, {s: same[s] for s in DETERMINISTIC_STAGES},
+                             {s: v for s, v in same.items() if s not in DETERMINISTIC_STAGES}, differing)
