@@ -7,9 +7,11 @@ intact on disk, is skipped.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -310,6 +312,37 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _errno_of(e: BaseException) -> int | None:
+    """OSError's errno, or the one safetensors' Rust writer puts in its message ('... (os error 28)')."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"os error (\d+)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def _is_io_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and _errno_of(e) is not None)
+
+
+def _io_error_message(stage: str | None, out_dir: Path, e: BaseException) -> str:
+    code = _errno_of(e)
+    where = f"stage '{stage}'" if stage else "the build"
+    if code in NO_SPACE:
+        what = f"the disk holding '{out_dir}' is full (or a file size limit was hit)"
+        todo = "free some space or choose another --out"
+    elif code in NOT_WRITABLE:
+        what = f"'{out_dir}' is not writable"
+        todo = "fix its permissions or choose another --out"
+    else:
+        what, todo = "a file could not be read or written", "check the paths named above"
+    return (f"{where} failed: {what} ({type(e).__name__}: {e}). Nothing half-written was kept: finished stages "
+            f"stay recorded in the manifest and a rerun resumes after them; {todo}.")
+
+
 def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callable[[str], None] | None = None) -> Manifest:
     log = log or (lambda msg: console.print(msg))
     _quiet_libraries()
@@ -323,7 +356,10 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
     manifest.data["recipe"] = recipe.model_dump(mode="json")
     manifest.data["versions"] = package_versions()
     manifest.data["edgedistill_version"] = __version__
-    manifest.save()
+    try:
+        manifest.save()
+    except OSError as e:
+        raise EdgeDistillError(_io_error_message(None, out_dir, e)) from None
     ctx = BuildContext(recipe, out_dir, manifest)
     total = time.perf_counter()
     for name in STAGE_ORDER:
@@ -334,9 +370,14 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
         log(f"[bold cyan]▶ {name}[/bold cyan]")
         manifest.invalidate(name)
         t0 = time.perf_counter()
-        art = STAGES[name](ctx)
-        _test_pause(name)
-        manifest.record(name, input_hash, time.perf_counter() - t0, art)
+        try:
+            art = STAGES[name](ctx)
+            _test_pause(name)
+            manifest.record(name, input_hash, time.perf_counter() - t0, art)
+        except Exception as e:
+            if not _is_io_error(e):
+                raise
+            raise EdgeDistillError(_io_error_message(name, out_dir, e)) from None
         log(f"[green]✓ {name}[/green] ({time.perf_counter() - t0:.1f}s)")
     manifest.data["build_seconds_last_run"] = round(time.perf_counter() - total, 2)
     manifest.save()

@@ -273,8 +273,8 @@ def tiny_build_recipe(path: Path, teacher_dir: Path, *, onnx: bool = True) -> Pa
     path.write_text(yaml.safe_dump({
         "name": "tiny", "teacher": {"model": str(teacher_dir)}, "student": {"calib_windows": 2},
         "data": {"max_chars": 60_000},
-        "distill": {"steps": 8, "batch_size": 4, "seq_len": 64, "lr": 2e-3, "warmup_steps": 2},
-        "export": {"onnx": onnx}, "eval": {"windows": 2, "seq_len": 64, "decode_tokens": 8}}))
+        "distill": {"steps": 4, "batch_size": 2, "seq_len": 64, "lr": 2e-3, "warmup_steps": 1},
+        "export": {"onnx": onnx}, "eval": {"windows": 2, "seq_len": 64, "decode_tokens": 0}}))
     return path
 
 
@@ -328,9 +328,26 @@ class CrashResumeReport:
 
 def crash_resume(recipe: Path, out: Path, clean_out: Path, stages: list[str]) -> CrashResumeReport:
     """kill -9 the build once in each of `stages` (in order), each run resuming the last; then finish it and
-    compare with a clean build. Checks after every kill: the manifest is valid, stages before the killed one are
-    recorded with intact outputs, the killed one is not; the next run skips (does not recompute) all of them."""
+    compare with a clean build (run alongside, in its own process). Checks after every kill: the manifest is
+    valid, stages before the killed one are recorded with intact outputs, the killed one is not; the next run
+    skips (does not recompute) all of them."""
     from edgedistill.artifacts import Manifest
+    clean_run = subprocess.Popen(_build_cmd(recipe, clean_out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+    try:
+        report = _kill_in_each(recipe, out, stages, Manifest)
+    finally:
+        clean_log, _ = clean_run.communicate(timeout=900)
+    assert clean_run.returncode == 0, clean_log[-3000:]
+    resumed, clean = stage_records(out), stage_records(clean_out)
+    files = {s: {o["path"]: o["sha256"] for o in resumed[s]["outputs"]} for s in resumed}
+    differing = sorted(o["path"] for s in clean for o in clean[s]["outputs"] if files.get(s, {}).get(o["path"]) != o["sha256"])
+    same = {s: files.get(s) == {o["path"]: o["sha256"] for o in clean[s]["outputs"]} for s in clean}
+    return CrashResumeReport(stages, report, {s: same[s] for s in DETERMINISTIC_STAGES},
+                             {s: v for s, v in same.items() if s not in DETERMINISTIC_STAGES}, differing)
+
+
+def _kill_in_each(recipe: Path, out: Path, stages: list[str], Manifest) -> list[str]:
     problems: list[str] = []
     before: dict = {}
     for i, stage in enumerate(stages):
@@ -358,9 +375,4 @@ def crash_resume(recipe: Path, out: Path, clean_out: Path, stages: list[str]) ->
             problems.append(f"final run recomputed {done}")
     if not (out / "manifest.json").is_file() or any(p.name.endswith(".tmp") for p in out.glob(".*")):
         problems.append("temporaries left behind after the resumed build")
-    resumed, clean = stage_records(out), stage_records(clean_out)
-    files = {s: {o["path"]: o["sha256"] for o in resumed[s]["outputs"]} for s in resumed}
-    differing = sorted(o["path"] for s in clean for o in clean[s]["outputs"] if files.get(s, {}).get(o["path"]) != o["sha256"])
-    same = {s: files.get(s) == {o["path"]: o["sha256"] for o in clean[s]["outputs"]} for s in clean}
-    return CrashResumeReport(stages, problems, {s: same[s] for s in DETERMINISTIC_STAGES},
-                             {s: v for s, v in same.items() if s not in DETERMINISTIC_STAGES}, differing)
+    return problems

@@ -95,3 +95,91 @@ def test_recipe_name_cannot_leave_the_out_folder(name):
 def test_nul_byte_path_is_a_recipe_error():
     with pytest.raises(RecipeError, match="data.source"):
         parse_recipe({"data": {"source": "./corpus\x00.txt"}})
+
+
+# ---------------------------------------------------------------- corrupt files, at the CLI
+def corrupt_copy(src, dest, how: str):
+    import shutil
+    shutil.copytree(src, dest)
+    st = dest / "model.safetensors"
+    if how == "truncated safetensors":
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    elif how == "garbage safetensors":
+        st.write_bytes(b"\x00\xff" * 2000)
+    elif how == "missing tokenizer":
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (dest / f).unlink()
+    elif how == "bad config":
+        (dest / "config.json").write_text("{not json")
+    return dest
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from edgedistill.cli import app
+    result = CliRunner().invoke(app, list(args))
+    text = result.output  # stdout and stderr together
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exit_code, text, result.exception)
+    assert text.count("error:") == 1 and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("how, words", [
+    ("truncated safetensors", "corrupt or truncated"), ("garbage safetensors", "corrupt or truncated"),
+    ("missing tokenizer", "tokenizer.json is missing"), ("bad config", "not valid JSON"),
+])
+def test_export_of_a_broken_model_folder_is_one_clear_error(tmp_path, tiny_model_dir, how, words):
+    model = corrupt_copy(tiny_model_dir, tmp_path / "m", how)
+    out = tmp_path / "m.gguf"
+    assert words in cli("export", str(model), "--to", "gguf:f16", "--out", str(out))
+    assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("how, words", [
+    ("truncated safetensors", "corrupt or truncated"), ("missing tokenizer", "tokenizer"),
+])
+def test_compress_of_a_broken_model_folder_is_one_clear_error(tmp_path, tiny_model_dir, how, words):
+    model = corrupt_copy(tiny_model_dir, tmp_path / "m", how)
+    text = cli("compress", str(model), "--method", "q8_0", "--out", str(tmp_path / "c"), "--calib-windows", "2",
+               "--calib-seq-len", "64")
+    assert words in text and not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def good_gguf(tmp_path_factory, tiny_model_dir):
+    from edgedistill.export.gguf import write_gguf
+    out = tmp_path_factory.mktemp("gguf") / "good.gguf"
+    write_gguf(tiny_model_dir, out, dtype="f16")
+    return out
+
+
+@pytest.mark.parametrize("how, words", [
+    ("truncated", "not within the file bounds"), ("header only", "llama.cpp could not load"),
+    ("garbage", "llama.cpp could not load"), ("empty", "llama.cpp could not load"),
+])
+def test_serve_of_a_corrupt_gguf_is_one_clear_error(tmp_path, good_gguf, how, words):
+    data = good_gguf.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "header only": data[:64], "garbage": b"\x13" * 4096,
+                     "empty": b""}[how])
+    text = cli("serve", str(bad), "--no-ui", "--port", "9")
+    assert words in text and "Re-run the export stage" in text
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_corrupt_onnx_is_one_clear_error(tmp_path, how):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgedistill.errors import ExportError
+    from edgedistill.export.ort import OnnxModel
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    data = helper.make_model(graph).SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x08" * 1000)
+    with pytest.raises(ExportError, match="onnxruntime refused.*re-run the export stage"):
+        OnnxModel(bad)
