@@ -57,8 +57,10 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
                                             "base URL (vLLM, llama-server, OpenAI) or a build folder / GGUF"),
           llm_api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_LLM_API_KEY",
                                                     help="Bearer key for --llm's URL"),
-          llm_timeout: float = typer.Option(120.0, min=0.1, help="seconds --llm may take to a first token (retries "
-                                            "included) or stay silent mid-answer; then a clean 502"),
+          small_timeout: float = typer.Option(120.0, min=0.01, help="seconds the student gets to answer a "
+                                              "routed request before it counts as failed (then --llm answers)"),
+          llm_timeout: float = typer.Option(120.0, min=0.01, help="seconds --llm gets before the student's "
+                                            "answer is returned instead"),
           cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="allow browsers on this origin "
                                                           "(repeatable, e.g. https://app.example.com); CORS is off "
                                                           "by default"),
@@ -70,8 +72,8 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
     try:
         run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
                    n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
-                   llm_api_key=llm_api_key, log_level=log_level, llm_timeout=llm_timeout,
-                   cors_origins=cors_origin, log_prompts=log_prompts)
+                   llm_api_key=llm_api_key, small_timeout_s=small_timeout, large_timeout_s=llm_timeout,
+                   log_level=log_level, cors_origins=cors_origin, log_prompts=log_prompts)
     except EdgeDistillError as e:
         _fail(e)
 

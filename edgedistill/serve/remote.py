@@ -3,7 +3,8 @@
 This is how a larger "LLM" is reached for fallback: the server lists it as a second model and
 forwards requests for it, streaming. Each request runs on its own thread; failures before the
 first token (connection errors, 429, 5xx) are retried with backoff, failures after it are not
-(the client already has part of the answer). Reasoning the remote sends in a `reasoning` /
+(the client already has part of the answer), and a stream that ends without its final chunk is reported
+as cut (a Failed event), never passed off as a complete answer. Reasoning the remote sends in a `reasoning` /
 `reasoning_content` field is re-wrapped in <think> tags, so the service splits it like ours.
 
 `timeout` bounds the wait for the first token, retries included, and any silence between two chunks.
@@ -36,6 +37,7 @@ class _RemoteJob:
 
 
 class RemoteBackend:
+    prefills = False  # the assistant-prefix (think mode) cannot be sent; its own template decides
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, retries: int = 2, backoff_s: float = 0.5, max_concurrent: int = 16,
                  name: str | None = None):
@@ -91,9 +93,9 @@ class RemoteBackend:
                     outcome = f"!the remote model at {self.base_url} did not answer within {self.timeout:g} s"
                 except httpx.TransportError as e:
                     outcome = f"the remote model at {self.base_url} is unreachable ({type(e).__name__})"
-                    if sent[0]:
-                        outcome = f"!the connection to the remote model at {self.base_url} broke mid-answer " \
-                                  f"({type(e).__name__}); the answer is incomplete"
+                    if sent[0]:  # part of the answer is out: retrying would repeat it
+                        outcome = f"!the stream from the remote model at {self.base_url} was cut mid-answer " \
+                                  f"({type(e).__name__})"
                 except ValueError as e:  # a chunk that is not JSON
                     outcome = f"!the remote model at {self.base_url} sent a malformed stream ({e})"
                 if outcome is None:
@@ -122,7 +124,7 @@ class RemoteBackend:
                     detail = r.text[:200]
                 msg = f"the remote model answered HTTP {r.status_code}: {detail}"
                 return msg if r.status_code in RETRYABLE else "!" + msg
-            finish, usage, pieces, thinking, complete = "stop", None, 0, False, False
+            finish, usage, pieces, thinking, thought, complete = "stop", None, 0, False, 0, False
             for line in r.iter_lines():
                 if job.cancelled:
                     return None  # leaving the block closes the connection, which stops the remote generating
@@ -145,21 +147,24 @@ class RemoteBackend:
                     if reasoning:
                         out += ("" if thinking else "<think>") + reasoning
                         thinking = True
+                        thought += 1
                     if text:
                         out += ("</think>" if thinking else "") + text
                         thinking = False
                     if out:
                         pieces += 1
-                        emit(Delta(out, 1))
+                        emit(Delta(out, 1))  # `emit` counts what went out (see _run)
                     finish = "length" if c.get("finish_reason") == "length" else finish
                     complete = complete or bool(c.get("finish_reason"))
             if not complete:
-                return (f"!the remote model's stream ended before the answer was complete (no finish_reason, "
-                        f"no [DONE]) after {pieces} pieces")
+                msg = (f"the stream from the remote model at {self.base_url} was cut before its end (no finish_reason, "
+                       f"no [DONE]) after {pieces} pieces")
+                return "!" + msg if pieces else msg  # nothing went out yet: a retry repeats nothing
             if thinking:
                 emit(Delta("</think>", 0))
             usage = usage or {}
-            emit(Finished(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", pieces))))
+            emit(Finished(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", pieces)),
+                          thinking_tokens=thought))
             return None
 
     def load(self) -> dict[str, int]:
