@@ -183,3 +183,18 @@ def test_corrupt_onnx_is_one_clear_error(tmp_path, how):
     bad.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x08" * 1000)
     with pytest.raises(ExportError, match="onnxruntime refused.*re-run the export stage"):
         OnnxModel(bad)
+
+
+def test_nothing_in_the_package_unpickles():
+    """Model files are safetensors / GGUF / ONNX; the one torch.load (distill checkpoints) is weights_only."""
+    import re
+    from pathlib import Path
+
+    import edgedistill
+    root = Path(edgedistill.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M), path
+        assert "allow_pickle=True" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
