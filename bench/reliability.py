@@ -7,7 +7,8 @@
    stalling, cutting its stream, sending garbage or an error event; driven through RemoteBackend and through
    our server's `--llm` path (streamed and not), plus a small-model backend that raises or goes silent. A
    fault is survived when the request ends within its timeout in a clean error (never finish_reason "stop"
-   on a cut answer) and the small model still answers right after.
+   on a cut answer) and the small model still answers right after; routed requests that the policy
+   escalates to the faulty --llm must come back with the small model's complete answer.
 3. soak: `edgedistill serve` (child process) on the tiny GGUF, 8 concurrent clients for --soak-seconds after
    a warm-up; errors, server RSS growth (after warm-up vs end), p95 latency in the first vs last minute.
 4. crash-resume: `edgedistill build` on a tiny recipe (ONNX included) killed with SIGKILL in every stage in
@@ -136,6 +137,20 @@ def run_faults(gguf: Path, tmp: Path, timeout: float = 2.0) -> dict:
                 record(f"server-stream/{mode}", ok and small.choices[0].finish_reason in ("stop", "length"),
                        time.monotonic() - t0)
                 app.state.service.backends["big-llm"].base_url = f"{url}/v1"
+        # (c) routed requests that the policy always escalates to the faulty --llm: the small model's answer
+        from edgedistill.routing.policy import RoutingPolicy
+        always = RoutingPolicy(calibrated=True, escalation_threshold=1.01)
+        app = create_app(gguf, llm=f"{url}/v1", policy=always, large_timeout_s=timeout, max_tokens_cap=16, slots=2,
+                         ctx_per_slot=256, n_threads=1)
+        with serving(app) as ours:
+            oa = openai.OpenAI(base_url=f"{ours}/v1", api_key="x", max_retries=0, timeout=60)
+            for mode in FAULTS:
+                server.mode = mode
+                t0 = time.monotonic()
+                r = oa.chat.completions.create(model=gguf.stem, messages=HI, max_tokens=6, temperature=0)
+                ed = r.model_extra["edgedistill"]
+                record(f"escalation/{mode}", ed["escalated"] and ed["answered_by"] == gguf.stem
+                       and r.choices[0].finish_reason in ("stop", "length"), time.monotonic() - t0)
     for how in ("start", "dies"):
         with serving(create_app(tmp, backend=BrokenBackend(how), stall_timeout_s=timeout)) as url:
             t0 = time.monotonic()
