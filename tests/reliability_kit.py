@@ -264,7 +264,8 @@ def tiny_gguf(dest: Path, *, tokenizer=None) -> Path:
 # Stages whose outputs are a pure function of their inputs on one machine: the resumed build must match a
 # clean one bit for bit. Not here: `teacher` (no outputs), `eval` (no outputs; its metrics include measured
 # decode tokens/s), `devices` (the `host` profile measures this machine's bandwidth and GEMM rate, so
-# device.json differs run to run), `report` (report.md / report.png show timings).
+# device.json differs run to run), `report` (report.md / report.png show timings), and the routing stages
+# (hybrid_teacher, hybrid_student, routing: off in the tiny recipe, so they write nothing).
 DETERMINISTIC_STAGES = ("student_init", "distill", "compress", "export")
 
 
@@ -274,7 +275,9 @@ def tiny_build_recipe(path: Path, teacher_dir: Path, *, onnx: bool = True) -> Pa
         "name": "tiny", "teacher": {"model": str(teacher_dir)}, "student": {"calib_windows": 2},
         "data": {"max_chars": 60_000},
         "distill": {"steps": 4, "batch_size": 2, "seq_len": 64, "lr": 2e-3, "warmup_steps": 1},
-        "export": {"onnx": onnx}, "eval": {"windows": 2, "seq_len": 64, "decode_tokens": 0}}))
+        "export": {"onnx": onnx}, "eval": {"windows": 2, "seq_len": 64, "decode_tokens": 0},
+        # the routing stages still run (and are killed and resumed) but do no work: minutes of training otherwise
+        "routing": {"enabled": False}}))
     return path
 
 
