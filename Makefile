@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgedistill-setup
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup browser demo test test-all clean
 
 setup: $(STAMP)
 
@@ -14,15 +14,19 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_llama_cpp.sh
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# headless Chromium for the chat-page test (idempotent)
+browser:
+	bash scripts/install_browser.sh
+
 demo: setup
 	$(VENV)/bin/edgedistill build --out out/default
 	@echo
 	@echo "Serve it:  $(VENV)/bin/edgedistill serve out/default   (OpenAI API on http://127.0.0.1:8000/v1)"
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m 'not slow' -q
 
-test-all: setup
+test-all: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

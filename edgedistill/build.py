@@ -7,8 +7,12 @@ intact on disk, is skipped.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import platform
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -376,6 +380,58 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+PAUSE_ENV = "EDGEDISTILL_TEST_PAUSE_STAGE"
+
+
+def _test_pause(name: str) -> None:
+    """Test-only hook for the crash-resume tests: with EDGEDISTILL_TEST_PAUSE_STAGE=<stage>, the build stops after
+    that stage wrote its outputs but before the manifest records it (the worst moment to be killed), prints
+    `paused in <stage>` and sleeps until killed. Unset (always, outside tests), it does nothing."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"paused in {name}", flush=True)
+        while True:
+            time.sleep(60)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """A build killed mid-write leaves atomic-write temporaries (`.<name>.<random>.tmp`, `.<name>.old-<pid>`);
+    they never look complete, but they take space: clear them before a new run."""
+    for p in out_dir.glob(".*"):
+        if p.name.endswith(".tmp") or ".old-" in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _errno_of(e: BaseException) -> int | None:
+    """OSError's errno, or the one safetensors' Rust writer puts in its message ('... (os error 28)')."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"os error (\d+)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def _is_io_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and _errno_of(e) is not None)
+
+
+def _io_error_message(stage: str | None, out_dir: Path, e: BaseException) -> str:
+    code = _errno_of(e)
+    where = f"stage '{stage}'" if stage else "the build"
+    if code in NO_SPACE:
+        what = f"the disk holding '{out_dir}' is full (or a file size limit was hit)"
+        todo = "free some space or choose another --out"
+    elif code in NOT_WRITABLE:
+        what = f"'{out_dir}' is not writable"
+        todo = "fix its permissions or choose another --out"
+    else:
+        what, todo = "a file could not be read or written", "check the paths named above"
+    return (f"{where} failed: {what} ({type(e).__name__}: {e}). Nothing half-written was kept: finished stages "
+            f"stay recorded in the manifest and a rerun resumes after them; {todo}.")
+
+
 def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callable[[str], None] | None = None) -> Manifest:
     log = log or (lambda msg: console.print(msg))
     _quiet_libraries()
@@ -384,11 +440,15 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EdgeDistillError(f"cannot create output folder '{out_dir}': {e}. Choose a writable --out.") from None
+    _remove_stale_temporaries(out_dir)
     manifest = Manifest(out_dir)
     manifest.data["recipe"] = recipe.model_dump(mode="json")
     manifest.data["versions"] = package_versions()
     manifest.data["edgedistill_version"] = __version__
-    manifest.save()
+    try:
+        manifest.save()
+    except OSError as e:
+        raise EdgeDistillError(_io_error_message(None, out_dir, e)) from None
     ctx = BuildContext(recipe, out_dir, manifest)
     total = time.perf_counter()
     for name in STAGE_ORDER:
@@ -399,8 +459,14 @@ def run_build(recipe: Recipe, out_dir: Path, *, force: bool = False, log: Callab
         log(f"[bold cyan]▶ {name}[/bold cyan]")
         manifest.invalidate(name)
         t0 = time.perf_counter()
-        art = STAGES[name](ctx)
-        manifest.record(name, input_hash, time.perf_counter() - t0, art)
+        try:
+            art = STAGES[name](ctx)
+            _test_pause(name)
+            manifest.record(name, input_hash, time.perf_counter() - t0, art)
+        except Exception as e:
+            if not _is_io_error(e):
+                raise
+            raise EdgeDistillError(_io_error_message(name, out_dir, e)) from None
         log(f"[green]✓ {name}[/green] ({time.perf_counter() - t0:.1f}s)")
     manifest.data["build_seconds_last_run"] = round(time.perf_counter() - total, 2)
     manifest.save()

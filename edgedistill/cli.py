@@ -61,6 +61,11 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
                                               "routed request before it counts as failed (then --llm answers)"),
           llm_timeout: float = typer.Option(120.0, min=0.01, help="seconds --llm gets before the student's "
                                             "answer is returned instead"),
+          cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="allow browsers on this origin "
+                                                          "(repeatable, e.g. https://app.example.com); CORS is off "
+                                                          "by default"),
+          log_prompts: bool = typer.Option(False, "--log-prompts", help="put request bodies (prompts) in the "
+                                           "access log; off by default, keys are never logged"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
     """Serve the build's GGUF with an OpenAI-compatible API."""
     from .serve.app import run_server
@@ -68,7 +73,7 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
         run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
                    n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
                    llm_api_key=llm_api_key, small_timeout_s=small_timeout, large_timeout_s=llm_timeout,
-                   log_level=log_level)
+                   log_level=log_level, cors_origins=cors_origin, log_prompts=log_prompts)
     except EdgeDistillError as e:
         _fail(e)
 

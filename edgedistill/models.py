@@ -136,11 +136,16 @@ def load_causal_lm(path_or_id: str, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype or torch.float32)
     except OSError as e:
         raise ModelError(f"could not load model '{path_or_id}': {e}. Give a local model folder, a .gguf file, "
                          f"or a hub id (with network access).") from e
+    except SafetensorError as e:
+        raise ModelError(f"the weights of '{path_or_id}' are corrupt or truncated ({e}). Re-run the stage that "
+                         "wrote them, or copy the model folder again.") from None
     return model.eval()
 
 

@@ -17,7 +17,8 @@ DEFAULT_TEACHER = "smollm2-135m-instruct"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a bound like lr > 0 lets inf through, and nan fails every comparison silently
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherSpec(Section):
@@ -208,7 +209,8 @@ class RoutingSpec(Section):
 
 
 class Recipe(Section):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # not "." or "..": the name becomes the folder out/<name>, which must stay inside out/
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$", max_length=64)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -289,7 +291,11 @@ def _check_paths(recipe: Recipe, base: Path) -> None:
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = base / p
-        if not p.exists():
+        try:
+            exists = p.exists()
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long for the filesystem
+            raise RecipeError(f"recipe field '{field}': '{value[:200]}' is not a usable path ({e}).") from None
+        if not exists:
             raise RecipeError(
                 f"recipe field '{field}': file or folder '{value}' does not exist (looked at {p}). "
                 "Give an existing path, or a model id for models.")
@@ -313,7 +319,9 @@ def load_recipe(path: str | Path | None) -> Recipe:
     if not p.is_file():
         raise RecipeError(f"recipe file '{path}' not found. Pass an existing YAML file, or no argument for the default build.")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file '{path}' is not valid YAML: {e}") from None
     return parse_recipe(data, base_dir=p.parent.resolve())

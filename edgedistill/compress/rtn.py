@@ -7,11 +7,13 @@ copy of the model (so torch can evaluate exactly what the GGUF file holds).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ..artifacts import atomic_write_bytes
 from ..errors import CompressError
 from .grids import BLOCK, GRIDS, QuantCodes, dequantize, quantize
 
@@ -60,7 +62,19 @@ def save_codes(codes: dict[str, QuantCodes], path: Path) -> None:
         if qc.mins is not None:
             tensors[f"{name}::mins"] = qc.mins.contiguous()
     grids = {qc.grid for qc in codes.values()}
-    save_file(tensors, str(path), metadata={"format": "edgedistill-quant-codes", "grid": ",".join(sorted(grids))})
+    data = save(tensors, metadata={"format": "edgedistill-quant-codes", "grid": ",".join(sorted(grids))})
+    atomic_write_bytes(path, _sorted_metadata(data))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes its metadata map in hash order, which changes from process to process: sort it, so the
+    same codes always make the same bytes (a resumed build then matches a clean one hash for hash)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "re-serialised safetensors header grew"
+    return data[:8] + text.ljust(n, b" ") + data[8 + n:]
 
 
 def load_codes(path: Path) -> dict[str, QuantCodes]:

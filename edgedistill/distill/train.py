@@ -172,7 +172,7 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     mix_rng = random.Random(cfg.seed)
     start, ckpt = 0, (Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None)
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only: never unpickle
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["opt"])
         start = state["step"]

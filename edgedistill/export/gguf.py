@@ -109,7 +109,10 @@ def _check_codes(name: str, qc: grids.QuantCodes, shape: tuple[int, ...]) -> Non
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{path} is missing; GGUF export needs a Hugging Face model folder with {what}.")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON ({e}); restore it from the model's source.") from None
 
 
 def _load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -119,9 +122,15 @@ def _load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ExportError(f"no *.safetensors in {model_dir}; save the model with save_pretrained "
                           f"(safe_serialization=True) before exporting.")
+    from safetensors import SafetensorError
+
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(str(f)))
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{f} is corrupt or truncated ({e}); re-run the stage that wrote it (or save_pretrained "
+                              "the model again) before exporting.") from None
     return out
 
 

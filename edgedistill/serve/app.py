@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ServeError
 from .backend import Backend, LlamaCppBackend, pick_gguf
 from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
                       ModelCard, ModelList, Readiness)
@@ -130,8 +131,9 @@ class RequestContext:
     """Pure ASGI middleware (it must not buffer streams): an X-Request-Id on every response, the body size
     limit, per-route request counts and latency, and one structured access-log line (no headers, so no keys)."""
 
-    def __init__(self, app: Any, *, service: ChatService, max_body_bytes: int):
+    def __init__(self, app: Any, *, service: ChatService, max_body_bytes: int, log_prompts: bool = False):
         self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
+        self.log_prompts = log_prompts  # request bodies (prompts) in the access log only when asked
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -141,6 +143,7 @@ class RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         status = [500]
+        logged_body: list[bytes | None] = [None]
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -149,22 +152,35 @@ class RequestContext:
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                self._record(scope, status[0], started, request_id)
+                self._record(scope, status[0], started, request_id, logged_body[0])
 
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return await self._too_large(send_with_id)
-        seen = [0]
-
-        async def limited_receive() -> dict:
+        # The body is read here, bounded, whatever the framing (a chunked body has no Content-Length to check),
+        # then handed on in one piece; later receive() calls go to the server (disconnect detection).
+        chunks, size = [], 0
+        while scope.get("method") in ("POST", "PUT", "PATCH"):
             message = await receive()
-            seen[0] += len(message.get("body", b""))
-            if seen[0] > self.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
-                               code="request_too_large")
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return await self._too_large(send_with_id)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = [False]
 
-        await self.app(scope, limited_receive, send_with_id)
+        async def replay_receive() -> dict:
+            if not replayed[0]:
+                replayed[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        logged_body[0] = body if self.log_prompts else None
+        await self.app(scope, replay_receive, send_with_id)
 
     async def _too_large(self, send: Any) -> None:
         body = ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
@@ -173,13 +189,16 @@ class RequestContext:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def _record(self, scope: dict, status: int, started: float, request_id: str) -> None:
+    def _record(self, scope: dict, status: int, started: float, request_id: str, body: bytes | None) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         elapsed = time.perf_counter() - started
         self.service.metrics.requests.inc(route, str(status))
         self.service.metrics.latency.observe(elapsed, route)
-        access_log.info(json.dumps({"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
-                                    "route": route, "status": status, "duration_s": round(elapsed, 4)}))
+        line = {"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
+                "route": route, "status": status, "duration_s": round(elapsed, 4)}
+        if body:
+            line["body"] = body.decode("utf-8", "replace")
+        access_log.info(json.dumps(line))
 
 
 # ---------------------------------------------------------------- errors as OpenAI error objects
@@ -189,10 +208,15 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     out = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and (part in UNION_TAGS or "[" in part):
+            continue  # pydantic names the union member it tried ('str', 'list[str]'): not a field
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
 
@@ -233,7 +257,9 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
                backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
                ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
-               policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0) -> FastAPI:
+               policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0,
+               stall_timeout_s: float | None = 600.0, cors_origins: list[str] | None = None,
+               log_prompts: bool = False) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
@@ -242,7 +268,11 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     `llm_api_key`) or another build folder / GGUF: chat requests for the default model are then routed,
     escalating to it when the small model is unsure or fails (route.py). The routing `policy` is the
     build's router.json when there is one, else `RoutingPolicy.default()`; each model gets
-    `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure."""
+    `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure.
+    A generation that sends nothing for `stall_timeout_s` ends in a 504 error. CORS is off unless `cors_origins`
+    names the origins (no wildcard) that browsers may call from; request bodies (prompts) reach the access log
+    only with `log_prompts`."""
+    origins = _cors_origins(cors_origins)
     target = Path(target)
     policy = policy if policy is not None else _routing_policy(target)  # a bad router.json fails before loading
     if backend is None:
@@ -250,9 +280,9 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
         name = target.resolve().name if target.is_dir() else gguf.stem
         backend = LlamaCppBackend(gguf, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
                                   max_queue=max_queue, name=name)
-    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
+    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads, timeout=large_timeout_s) if llm else None
     service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback,
-                          policy=policy,
+                          policy=policy, stall_timeout_s=stall_timeout_s,
                           small_timeout_s=small_timeout_s, large_timeout_s=large_timeout_s)
 
     @contextlib.asynccontextmanager
@@ -266,7 +296,11 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     app.state.api_key = api_key
     app.include_router(probes)
     app.include_router(v1)
-    app.add_middleware(RequestContext, service=service, max_body_bytes=max_body_bytes)
+    if origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
+    app.add_middleware(RequestContext, service=service, max_body_bytes=max_body_bytes, log_prompts=log_prompts)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
@@ -275,6 +309,16 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
         from .demo import mount_demo
         mount_demo(app, api_key=api_key, model=backend.name)
     return app
+
+
+def _cors_origins(origins: list[str] | None) -> list[str]:
+    out = []
+    for o in origins or []:
+        if o == "*" or not re.fullmatch(r"https?://[^/\s*]+", o.rstrip("/")):
+            raise ServeError(f"--cors-origin {o!r} is not an origin; name each one explicitly, like "
+                             "https://app.example.com (scheme and host, no path, no wildcard).")
+        out.append(o.rstrip("/"))
+    return out
 
 
 def _routing_policy(target: Path) -> Any:
@@ -288,10 +332,10 @@ def _routing_policy(target: Path) -> Any:
     return RoutingPolicy.default()
 
 
-def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None) -> Backend:
+def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None, timeout: float = 120.0) -> Backend:
     if llm.startswith(("http://", "https://")):
         from .remote import RemoteBackend
-        return RemoteBackend(llm, api_key=api_key)
+        return RemoteBackend(llm, api_key=api_key, timeout=timeout)
     gguf = pick_gguf(Path(llm))
     name = Path(llm).resolve().name if Path(llm).is_dir() else f"llm-{gguf.stem}"  # like the default model's
     return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=name)
@@ -303,8 +347,19 @@ def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_l
     import uvicorn
 
     app = create_app(Path(target), **kw)
+    _log_to_stderr(log_level)
     if kw.get("api_key") is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     if kw.get("ui"):
         log.warning("chat page: http://%s:%d/ui", host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _log_to_stderr(level: str) -> None:
+    """Our loggers (access log, errors) print next to uvicorn's; neither ever sees a request's headers."""
+    logger = logging.getLogger("edgedistill")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else logging.INFO)

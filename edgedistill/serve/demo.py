@@ -8,6 +8,7 @@ Controls: temperature, max tokens, and thinking (off / auto / on, and a budget; 
 `thinking` field). The API key, if any, stays on the server side.
 """
 # No `from __future__ import annotations`: Gradio spots the `gr.Request` parameter by its evaluated annotation.
+import secrets
 import time
 from typing import Any, Iterator
 
@@ -132,4 +133,6 @@ def build_demo(*, api_key: str | None, model: str) -> Any:
 def mount_demo(app: Any, *, api_key: str | None, model: str) -> None:
     import gradio as gr
 
-    gr.mount_gradio_app(app, build_demo(api_key=api_key, model=model), path=UI_PATH)
+    # With an API key the page asks for it too (any user name): otherwise it would be a way around the key.
+    auth = (lambda _user, password: secrets.compare_digest(password.encode(), api_key.encode())) if api_key else None
+    gr.mount_gradio_app(app, build_demo(api_key=api_key, model=model), path=UI_PATH, auth=auth)

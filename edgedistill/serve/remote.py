@@ -6,6 +6,10 @@ first token (connection errors, 429, 5xx) are retried with backoff, failures aft
 (the client already has part of the answer), and a stream that ends without its final chunk is reported
 as cut (a Failed event), never passed off as a complete answer. Reasoning the remote sends in a `reasoning` /
 `reasoning_content` field is re-wrapped in <think> tags, so the service splits it like ours.
+
+`timeout` bounds the wait for the first token, retries included, and any silence between two chunks.
+Every way a request can go wrong ends in exactly one `Failed` event: a stream that stops before the
+remote said it was finished (no finish_reason, no `[DONE]`) is a failure, never a short answer.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ class RemoteBackend:
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers)
         self.model = model or self._first_model()
         self.name = name or self.model
-        self.retries, self.backoff_s, self.max_concurrent = retries, backoff_s, max_concurrent
+        self.retries, self.backoff_s, self.max_concurrent, self.timeout = retries, backoff_s, max_concurrent, timeout
         self._active = 0
         self._lock = threading.Lock()
 
@@ -74,30 +78,44 @@ class RemoteBackend:
                 **({"stop": list(params.stop)} if params.stop else {}),
                 **({"messages": [dict(m) for m in prompt.messages]} if chat else {"prompt": prompt.text})}
         url = f"{self.base_url}/{'chat/completions' if chat else 'completions'}"
+        deadline = time.monotonic() + self.timeout
+        sent = [0]  # pieces already emitted: after the first one, nothing is retried
+
+        def counted(ev: Event) -> None:
+            sent[0] += isinstance(ev, Delta)
+            emit(ev)
         try:
             for attempt in range(self.retries + 1):
-                last = attempt == self.retries
-                sent = [False]
+                left = deadline - time.monotonic()
                 try:
-                    outcome = self._stream(job, url, body, chat, emit, sent)
+                    outcome = self._stream(job, url, body, chat, counted, max(left, 0.01))
+                except httpx.TimeoutException:
+                    outcome = f"!the remote model at {self.base_url} did not answer within {self.timeout:g} s"
                 except httpx.TransportError as e:
                     outcome = f"the remote model at {self.base_url} is unreachable ({type(e).__name__})"
                     if sent[0]:  # part of the answer is out: retrying would repeat it
-                        outcome = f"!the stream from the remote model at {self.base_url} was cut ({type(e).__name__})"
+                        outcome = f"!the stream from the remote model at {self.base_url} was cut mid-answer " \
+                                  f"({type(e).__name__})"
+                except ValueError as e:  # a chunk that is not JSON
+                    outcome = f"!the remote model at {self.base_url} sent a malformed stream ({e})"
                 if outcome is None:
                     return
-                if isinstance(outcome, str) and (last or outcome.startswith("!")):
+                pause = self.backoff_s * 2 ** attempt
+                if attempt == self.retries or outcome.startswith("!") or time.monotonic() + pause >= deadline:
                     emit(Failed(outcome.lstrip("!"), 502))
                     return
-                time.sleep(self.backoff_s * 2 ** attempt)
+                time.sleep(pause)
+        except Exception as e:  # never die silently: the client would wait forever
+            emit(Failed(f"the remote model request failed: {type(e).__name__}: {e}", 502))
         finally:
             with self._lock:
                 self._active -= 1
 
     def _stream(self, job: _RemoteJob, url: str, body: dict, chat: bool, emit: Callable[[Event], None],
-                sent: list[bool]) -> str | None:
+                first_token_s: float) -> str | None:
         """None when done (or cancelled); an error message to retry; one starting with '!' not to retry."""
-        with self._http.stream("POST", url, json=body) as r:
+        timeout = httpx.Timeout(min(self.timeout, first_token_s), connect=min(first_token_s, 10.0))
+        with self._http.stream("POST", url, json=body, timeout=timeout) as r:
             if r.status_code != 200:
                 r.read()
                 try:
@@ -106,15 +124,20 @@ class RemoteBackend:
                     detail = r.text[:200]
                 msg = f"the remote model answered HTTP {r.status_code}: {detail}"
                 return msg if r.status_code in RETRYABLE else "!" + msg
-            finish, usage, pieces, thinking, thought, done = "stop", None, 0, False, 0, False
+            finish, usage, pieces, thinking, thought, complete = "stop", None, 0, False, 0, False
             for line in r.iter_lines():
                 if job.cancelled:
                     return None  # leaving the block closes the connection, which stops the remote generating
                 if line.strip() == "data: [DONE]":
-                    done = True
+                    complete = True
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"a chunk is {type(chunk).__name__}, not an object")
+                if "error" in chunk:
+                    detail = chunk["error"].get("message") if isinstance(chunk["error"], dict) else chunk["error"]
+                    return f"!the remote model failed mid-answer: {detail}"
                 usage = chunk.get("usage") or usage
                 for c in chunk.get("choices") or []:
                     d = c.get("delta") or {}
@@ -130,12 +153,13 @@ class RemoteBackend:
                         thinking = False
                     if out:
                         pieces += 1
-                        sent[0] = True
-                        emit(Delta(out, 1))
+                        emit(Delta(out, 1))  # `emit` counts what went out (see _run)
                     finish = "length" if c.get("finish_reason") == "length" else finish
-            if not done:
-                msg = f"the stream from the remote model at {self.base_url} was cut before its end"
-                return "!" + msg if sent[0] else msg
+                    complete = complete or bool(c.get("finish_reason"))
+            if not complete:
+                msg = (f"the stream from the remote model at {self.base_url} was cut before its end (no finish_reason, "
+                       f"no [DONE]) after {pieces} pieces")
+                return "!" + msg if pieces else msg  # nothing went out yet: a retry repeats nothing
             if thinking:
                 emit(Delta("</think>", 0))
             usage = usage or {}

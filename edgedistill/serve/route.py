@@ -110,7 +110,8 @@ def plan_chat(service: Any, req: ChatCompletionRequest) -> ChatRun:
     small = Leg(backend, think_open=params.think_open and getattr(backend, "prefills", False))
     # A timeout only where another model can take over; otherwise the client waits for the answer it asked for.
     gen = Generation(backend, prompt, params,
-                     timeout_s=service.small_timeout_s if routed and service.fallback is not None else None)
+                     timeout_s=service.small_timeout_s if routed and service.fallback is not None else None,
+                     stall_timeout_s=service.stall_timeout_s)
     service.metrics.think.inc(mode, "request" if setting.explicit else "policy")
     return ChatRun(req, prompt, params, strict_off=setting.mode == "off", route=route, small=small, gen=gen,
                    routed=routed, policy_s=policy_s)
@@ -145,7 +146,8 @@ class Router:
         backend = self.service.fallback
         leg = Leg(backend, think_open=run.params.think_open and getattr(backend, "prefills", False))
         try:
-            return leg, Generation(backend, run.prompt, run.params, timeout_s=self.service.large_timeout_s)
+            return leg, Generation(backend, run.prompt, run.params, timeout_s=self.service.large_timeout_s,
+                                   stall_timeout_s=self.service.stall_timeout_s)
         except ApiError as e:
             leg.error = e.body.error.message
             leg.end()

@@ -5,18 +5,32 @@ silently get wrong (n > 1, echo, logprobs, suffix) are refused with a 400 instea
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator,
+                      model_validator)
 
 MAX_STOP_SEQUENCES = 4
+
+
+def _encodable(v: str) -> str:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode: refuse them here."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode (a lone surrogate at position {e.start}); "
+                         "send UTF-8 text") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: Text
 
     @field_validator("content", mode="before")
     @classmethod
@@ -44,12 +58,13 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    # strict: `true` is not 1 token and "5" is not a number (OpenAI refuses both too)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: list[Text] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(None, strict=True)
+    n: int | None = Field(None, ge=1, le=1, strict=True)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -100,7 +115,7 @@ THINK_LEVELS = ("low", "medium", "high")
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)  # newer clients' name for max_tokens
     # Thinking switches in every dialect clients use; serve/thinking.py normalises them.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     think: bool | str | None = None
@@ -131,6 +146,7 @@ class CompletionRequest(SamplingRequest):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt per request is supported")
+        _encodable(v if isinstance(v, str) else v[0])
         return v
 
     @property

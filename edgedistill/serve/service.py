@@ -43,9 +43,11 @@ class Generation:
     """One backend generation seen from the event loop: an async iterator of events; closing it cancels.
     Past `timeout_s` it ends with a Failed event (504) and the backend is told to stop."""
 
-    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams, *, timeout_s: float | None = None):
+    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams, *, timeout_s: float | None = None,
+                 stall_timeout_s: float | None = None):
         self.model = backend.name
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s  # a backend silent this long has failed (a bug, not a slow model)
         self.queue: asyncio.Queue[tuple[float, Event]] = asyncio.Queue()  # (when the backend sent it, event)
         loop = asyncio.get_running_loop()
         self.started = time.perf_counter()
@@ -78,12 +80,17 @@ class Generation:
         try:
             while True:
                 left = None if deadline is None else deadline - time.perf_counter()
+                waits = [w for w in (left, self.stall_timeout_s) if w is not None]
                 try:
                     if left is not None and left <= 0:
                         raise asyncio.TimeoutError
-                    at, ev = await asyncio.wait_for(self.queue.get(), left)
+                    at, ev = await asyncio.wait_for(self.queue.get(), min(waits) if waits else None)
                 except asyncio.TimeoutError:
-                    yield late
+                    if deadline is None or time.perf_counter() < deadline:  # silence, not the deadline
+                        yield Failed(f"the model '{self.model}' sent nothing within {self.stall_timeout_s:g} s; "
+                                     "the generation was abandoned", 504)
+                    else:
+                        yield late
                     return
                 while isinstance(ev, Delta) and not self.queue.empty():
                     at, nxt = self.queue.get_nowait()
@@ -115,7 +122,8 @@ class ChatService:
     """Serves `backend` (the default model) and optionally `fallback` (a larger model, listed second)."""
 
     def __init__(self, backend: Backend, *, max_tokens_cap: int, fallback: Backend | None = None,
-                 policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0):
+                 policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0,
+                 stall_timeout_s: float | None = 600.0):
         from ..routing.policy import RoutingPolicy
 
         if max_tokens_cap < 1:
@@ -127,6 +135,7 @@ class ChatService:
         self.max_tokens_cap = max_tokens_cap
         self.policy = policy if policy is not None else RoutingPolicy.default()
         self.small_timeout_s, self.large_timeout_s = small_timeout_s, large_timeout_s
+        self.stall_timeout_s = stall_timeout_s
         self.router = Router(self)
         self.created = int(time.time())
         self.metrics = Metrics(queue_depth=lambda: backend.load().get("queue_depth", 0))
@@ -155,7 +164,7 @@ class ChatService:
     def start_completion(self, req: CompletionRequest) -> Generation:
         backend = self._backend_for(req.model)
         params = self._params(req, default_max=min(DEFAULT_COMPLETION_TOKENS, self.max_tokens_cap))
-        return Generation(backend, Prompt(text=req.text), params)
+        return Generation(backend, Prompt(text=req.text), params, stall_timeout_s=self.stall_timeout_s)
 
     def _params(self, req: SamplingRequest, *, default_max: int) -> SamplingParams:
         max_tokens = req.requested_max_tokens or default_max
