@@ -5,9 +5,12 @@ multi-step arithmetic word problems, unit and time conversion, list operations
 (max, counting, sorting, sums of evens) and ordering logic.
 
 One answer format: the answer ends with a line `Answer: X`. A thinking sample is
-`<think>\\n{gold steps}\\n</think>\\n\\nAnswer: X`; a direct sample carries an empty think
-block, `<think>\\n\\n</think>\\n\\nAnswer: X` (Qwen3's convention), so the mode is set by
-the assistant prefix alone: "on" = THINK_PREFIX, "off" = NO_THINK_PREFIX.
+`<think>\n{gold steps}\n</think>\n\nAnswer: X`; a direct sample is `Answer: X`. At inference
+the mode is set by the assistant prefix: "on" = THINK_PREFIX (`<think>\n`: in training it is
+always followed by steps), "off" = NO_THINK_PREFIX (the empty block `<think>\n\n</think>\n\n`,
+Qwen3's convention: in training `</think>\n\n` is always followed by the answer). Neither
+prefix is a prefix of the other mode's training text, so the model never has to guess the
+mode after it; without a prefix it chooses (`<think>` or `Answer:`) itself.
 
 Splits are disjoint by construction: a question lands in train, calibration or test
 by a hash of its text, so the same question can never appear in two splits.
@@ -30,6 +33,7 @@ SPLITS = ["train", "calib", "test"]
 THINK_PREFIX = "<think>\n"
 NO_THINK_PREFIX = "<think>\n\n</think>\n\n"
 Mode = Literal["on", "off"]
+SAMPLE_FORMAT = 2  # bump when the training text of a sample changes: builds retrain on it
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Problem:
         """The assistant's text for this problem in a thinking ("on") or direct ("off") sample."""
         if mode == "on":
             return f"{THINK_PREFIX}" + "\n".join(self.steps) + f"\n</think>\n\nAnswer: {self.answer}"
-        return f"{NO_THINK_PREFIX}Answer: {self.answer}"
+        return f"Answer: {self.answer}"
 
     def chat(self, mode: Mode) -> dict:
         return {"messages": [{"role": "user", "content": self.question},
