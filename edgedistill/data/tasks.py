@@ -6,11 +6,12 @@ multi-step arithmetic word problems, unit and time conversion, list operations
 
 One answer format: the answer ends with a line `Answer: X`. A thinking sample is
 `<think>\n{gold steps}\n</think>\n\nAnswer: X`; a direct sample is `Answer: X`. At inference
-the mode is set by the assistant prefix: "on" = THINK_PREFIX (`<think>\n`: in training it is
-always followed by steps), "off" = NO_THINK_PREFIX (the empty block `<think>\n\n</think>\n\n`,
-Qwen3's convention: in training `</think>\n\n` is always followed by the answer). Neither
-prefix is a prefix of the other mode's training text, so the model never has to guess the
-mode after it; without a prefix it chooses (`<think>` or `Answer:`) itself.
+the mode is set by the assistant prefix: "on" = THINK_PREFIX (`<think>\n`: in training always
+followed by steps), "off" = NO_THINK_PREFIX (`Answer:`: in training always followed by the
+answer). Neither prefix leaves the model to guess the mode; without a prefix it chooses
+(`<think>` or `Answer:`) itself. (Qwen3's empty `<think>\n\n</think>\n\n` block as the "off"
+prefix was tried on the default build: a model adapted for a few dozen steps kept writing
+steps after it, so the answer line itself is the "off" prefix.)
 
 Splits are disjoint by construction: a question lands in train, calibration or test
 by a hash of its text, so the same question can never appear in two splits.
@@ -31,7 +32,7 @@ from ..errors import DataError
 KINDS = ["arithmetic", "units", "lists", "logic"]
 SPLITS = ["train", "calib", "test"]
 THINK_PREFIX = "<think>\n"
-NO_THINK_PREFIX = "<think>\n\n</think>\n\n"
+NO_THINK_PREFIX = "Answer:"
 Mode = Literal["on", "off"]
 SAMPLE_FORMAT = 2  # bump when the training text of a sample changes: builds retrain on it
 
