@@ -323,6 +323,11 @@ _HYBRID_STUDENT_FIELDS = ("seed", "train_size", "student_steps", "student_lr", "
                           "batch_size", "seq_len", "think_budget", "answer_tokens")
 
 
+def _sample_format() -> int:
+    from .data.tasks import SAMPLE_FORMAT
+    return SAMPLE_FORMAT
+
+
 def stage_inputs(ctx: BuildContext, name: str) -> dict:
     r = ctx.recipe
     fp = ctx.manifest.output_fingerprint
@@ -333,7 +338,7 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
         return {"teacher": r.teacher.model_dump()}
     if name == "hybrid_teacher":
         return {"enabled": False} if not rt.enabled else {
-            "teacher": fp("teacher"), "precision": r.distill.precision,
+            "teacher": fp("teacher"), "precision": r.distill.precision, "sample_format": _sample_format(),
             "routing": {k: getattr(rt, k) for k in _HYBRID_TEACHER_FIELDS}}
     if name == "student_init":
         return {"teacher": fp("teacher"), "student": r.student.model_dump(), "data": r.data.model_dump(),
@@ -344,7 +349,7 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
     if name == "hybrid_student":
         return {"enabled": False} if not rt.enabled else {
             "distill": fp("distill"), "hybrid_teacher": fp("hybrid_teacher"), "precision": r.distill.precision,
-            "quantize_aware": r.distill.quantize_aware, "routing": {k: getattr(rt, k) for k in _HYBRID_STUDENT_FIELDS}}
+            "quantize_aware": r.distill.quantize_aware, "sample_format": _sample_format(), "routing": {k: getattr(rt, k) for k in _HYBRID_STUDENT_FIELDS}}
     if name == "compress":
         return routed({"student": fp("distill"), "compress": r.compress.model_dump()}, "hybrid_student")
     if name == "export":

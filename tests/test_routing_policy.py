@@ -174,3 +174,26 @@ def test_unreadable_or_missing_router_file(tmp_path):
     (tmp_path / ROUTER_FILE).write_text("[1, 2]")
     with pytest.raises(RoutingError, match="JSON object"):
         RoutingPolicy.load(tmp_path)
+
+
+@pytest.mark.parametrize("routing, words", [
+    ({"calib_sz": 5}, "routing.calib_sz': unknown key"),
+    ({"max_escalation_rate": 1.5}, "routing.max_escalation_rate"),
+    ({"target_accuracy_ratio": 0.9, "token_budget": 40}, "give exactly one target"),
+    ({"think_budget": 0}, "routing.think_budget"),
+])
+def test_routing_recipe_section_is_validated(routing, words):
+    from edgedistill.errors import RecipeError
+    from edgedistill.recipe import parse_recipe
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"routing": routing})
+    assert words in str(e.value) and len(str(e.value).strip().splitlines()) == 2
+
+
+def test_routing_recipe_defaults_and_quick():
+    from edgedistill.recipe import Recipe
+    r = Recipe()
+    assert r.routing.enabled and r.routing.target() == ("max_escalation_rate", 0.25)
+    q = r.quick()
+    assert q.routing.teacher_steps <= r.routing.teacher_steps and q.routing.test_size <= r.routing.test_size
+    assert Recipe.model_validate({"routing": {"token_budget": 30}}).routing.target() == ("token_budget", 30.0)

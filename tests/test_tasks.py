@@ -94,7 +94,9 @@ def test_hybrid_samples_render_through_the_chat_template(tiny_tokenizer):
     p = Problem("x", "arithmetic", 2, "Mia has 2 coins. She gets 3 more. How many coins does Mia have now?", "5",
                 ["Start with 2.", "2 + 3 = 5."])
     assert p.target("on") == "<think>\nStart with 2.\n2 + 3 = 5.\n</think>\n\nAnswer: 5"
-    assert p.target("off") == "<think>\n\n</think>\n\nAnswer: 5"
+    assert p.target("off") == "Answer: 5"
+    assert p.target("off").startswith(NO_THINK_PREFIX) and p.target("on").startswith(THINK_PREFIX)
+    assert not p.target("off").startswith(THINK_PREFIX)
     on, off = render_prompt(tiny_tokenizer, p.question, "on"), render_prompt(tiny_tokenizer, p.question, "off")
     assert on.endswith("<|im_start|>assistant\n" + THINK_PREFIX) and off.endswith(NO_THINK_PREFIX)
     full = tiny_tokenizer.apply_chat_template(p.chat("on")["messages"], tokenize=False)

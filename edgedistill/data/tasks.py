@@ -5,9 +5,13 @@ multi-step arithmetic word problems, unit and time conversion, list operations
 (max, counting, sorting, sums of evens) and ordering logic.
 
 One answer format: the answer ends with a line `Answer: X`. A thinking sample is
-`<think>\\n{gold steps}\\n</think>\\n\\nAnswer: X`; a direct sample carries an empty think
-block, `<think>\\n\\n</think>\\n\\nAnswer: X` (Qwen3's convention), so the mode is set by
-the assistant prefix alone: "on" = THINK_PREFIX, "off" = NO_THINK_PREFIX.
+`<think>\n{gold steps}\n</think>\n\nAnswer: X`; a direct sample is `Answer: X`. At inference
+the mode is set by the assistant prefix: "on" = THINK_PREFIX (`<think>\n`: in training always
+followed by steps), "off" = NO_THINK_PREFIX (`Answer:`: in training always followed by the
+answer). Neither prefix leaves the model to guess the mode; without a prefix it chooses
+(`<think>` or `Answer:`) itself. (Qwen3's empty `<think>\n\n</think>\n\n` block as the "off"
+prefix was tried on the default build: a model adapted for a few dozen steps kept writing
+steps after it, so the answer line itself is the "off" prefix.)
 
 Splits are disjoint by construction: a question lands in train, calibration or test
 by a hash of its text, so the same question can never appear in two splits.
@@ -28,8 +32,9 @@ from ..errors import DataError
 KINDS = ["arithmetic", "units", "lists", "logic"]
 SPLITS = ["train", "calib", "test"]
 THINK_PREFIX = "<think>\n"
-NO_THINK_PREFIX = "<think>\n\n</think>\n\n"
+NO_THINK_PREFIX = "Answer:"
 Mode = Literal["on", "off"]
+SAMPLE_FORMAT = 2  # bump when the training text of a sample changes: builds retrain on it
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Problem:
         """The assistant's text for this problem in a thinking ("on") or direct ("off") sample."""
         if mode == "on":
             return f"{THINK_PREFIX}" + "\n".join(self.steps) + f"\n</think>\n\nAnswer: {self.answer}"
-        return f"{NO_THINK_PREFIX}Answer: {self.answer}"
+        return f"Answer: {self.answer}"
 
     def chat(self, mode: Mode) -> dict:
         return {"messages": [{"role": "user", "content": self.question},

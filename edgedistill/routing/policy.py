@@ -16,8 +16,8 @@ calibrated P(correct) with an isotonic map, both fitted on the calibration split
 as confidence, roughly (sigmoid(4·mean log-prob + 2)), and escalates below 0.5, i.e.
 when the mean token log-prob is under −0.5.
 
-Modes are set by the assistant prefix, Qwen3-style (see `edgedistill.data.tasks`):
-"on" starts the answer with "<think>\\n", "off" with an empty "<think>\\n\\n</think>\\n\\n".
+Modes are set by the assistant prefix (`edgedistill.data.tasks.THINK_PREFIX` / `NO_THINK_PREFIX`):
+"on" starts the answer with "<think>\\n", "off" with "Answer:".
 """
 from __future__ import annotations
 
