@@ -172,7 +172,10 @@ class DevicesSpec(Section):
 
 class RoutingSpec(Section):
     """Adaptive thinking + escalation: adapt the teacher and student on the reasoning suite, calibrate router.json."""
-    enabled: bool = Field(True, description="adapt teacher and student on the suite's hybrid data and calibrate router.json")
+    # Off by default: on the 2-core reference machine the three routing stages would take the default build
+    # well past its 20-minute budget (measured 57 min of routing work under load), and at 135M they do not
+    # reach the routing targets yet (README, "Measured"). `routing: {enabled: true}` turns them on.
+    enabled: bool = Field(False, description="adapt teacher and student on the suite's hybrid data and calibrate router.json")
     seed: int = 0
     train_size: int = Field(400, ge=4, le=1_000_000, description="suite problems for training (each: a thinking and a direct sample)")
     calib_size: int = Field(80, ge=8, le=100_000, description="problems the thresholds are calibrated on")
