@@ -47,9 +47,17 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
           host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
           port: int = typer.Option(8000, min=1, max=65535),
           api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_API_KEY", help="require this Bearer key"),
-          slots: int = typer.Option(8, min=1, help="requests generated together (continuous batching)"),
-          ctx: int = typer.Option(2048, min=16, help="context tokens per request (prompt + completion)"),
-          threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: llama.cpp's choice)"),
+          backend: Optional[str] = typer.Option(None, help="llamacpp (GGUF, the default) | onnx | transformers; "
+                                                "with --device, default: the runtime of the file chosen for it"),
+          device: Optional[str] = typer.Option(None, help="device profile (`edgedistill devices list`): serve the "
+                                               "file the build chose for it, sized to its threads, context, memory"),
+          workers: int = typer.Option(1, min=1, help="model instances; requests go to the least busy one"),
+          slots: Optional[int] = typer.Option(None, min=1, help="requests generated together per worker "
+                                              "(default 8, or what --device's memory budget holds, at most 8)"),
+          ctx: Optional[int] = typer.Option(None, min=16, help="context tokens per request (prompt + completion; "
+                                            "default 2048, or --device's context)"),
+          threads: Optional[int] = typer.Option(None, min=1, help="threads in all, shared by the workers (default: "
+                                                "the runtime's choice, or --device's)"),
           max_queue: int = typer.Option(64, min=0, help="requests that may wait for a slot; beyond that, 429"),
           max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask for"),
           ui: bool = typer.Option(True, "--ui/--no-ui", help="mount the Gradio chat page at /ui"),
@@ -58,12 +66,13 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
           llm_api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_LLM_API_KEY",
                                                     help="Bearer key for --llm's URL"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
-    """Serve the build's GGUF with an OpenAI-compatible API."""
+    """Serve the build (its GGUF by default) with an OpenAI-compatible API."""
     from .serve.app import run_server
     try:
         run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
                    n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
-                   llm_api_key=llm_api_key, log_level=log_level)
+                   llm_api_key=llm_api_key, log_level=log_level, backend_kind=backend, device=device,
+                   workers=workers)
     except EdgeDistillError as e:
         _fail(e)
 

@@ -226,21 +226,26 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 
 # ---------------------------------------------------------------- assembly
 def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int = 1024,
-               backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
+               backend: Backend | None = None, slots: int | None = None, ctx_per_slot: int | None = None,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
-               ui: bool = False, llm: str | None = None, llm_api_key: str | None = None) -> FastAPI:
+               ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
+               backend_kind: str | None = None, device: str | None = None, workers: int = 1) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
     context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
     Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
-    `llm_api_key`) or another build folder / GGUF."""
+    `llm_api_key`) or another build folder / GGUF. `backend_kind` (llamacpp | onnx | transformers),
+    `device` (a profile: its file, threads, context and slots) and `workers` (instances) go to
+    `serve.select.plan_serving`; with `device`, `slots` / `ctx_per_slot` / `n_threads` of None take the
+    profile's values."""
     target = Path(target)
     if backend is None:
-        gguf = pick_gguf(target)
-        name = target.resolve().name if target.is_dir() else gguf.stem
-        backend = LlamaCppBackend(gguf, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
-                                  max_queue=max_queue, name=name)
+        from .select import open_backend, plan_serving
+        plan = plan_serving(target, backend=backend_kind, device=device, slots=slots, ctx=ctx_per_slot,
+                            threads=n_threads, workers=workers)
+        log.info("serving %s", plan.describe())
+        backend = open_backend(plan, max_queue=max_queue)
     fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
     service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback)
 
