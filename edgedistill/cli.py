@@ -206,11 +206,13 @@ def distill_cmd(
 def export_cmd(model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json + safetensors)"),
                to: str = typer.Option(..., "--to", help="gguf[:TYPE] (f32 f16 q8_0 q4_0 q4_1 q4_k_m q5_k_m q6_k; "
                                                         "default f16) or onnx[:int8|int4] (default fp32)"),
-               out: Path = typer.Option(..., "--out", help="output file (.gguf / .onnx)")) -> None:
+               out: Path = typer.Option(..., "--out", help="output file (.gguf / .onnx)"),
+               codes: Optional[Path] = typer.Option(None, "--codes", help="quant_codes.safetensors from `edgedistill "
+                                                    "compress`: the weights it covers are written from their codes")) -> None:
     """Export a model folder to GGUF or ONNX (with KV cache), checked as it is written."""
     from .export.cli import export_model
     try:
-        info = export_model(model_dir, to, out)
+        info = export_model(model_dir, to, out, codes_file=codes)
     except EdgeDistillError as e:
         _fail(e)
         return
