@@ -155,7 +155,7 @@ def _device_report(target: Path, device: str) -> dict[str, Any]:
     from ..devices.profiles import load_profile
 
     try:
-        profile = load_profile(device)
+        load_profile(device, measure=False)  # the name is known (the host is measured only if fitted below)
     except DeviceError as e:
         raise ServeError(str(e)) from None
     if not target.is_dir() or not (target / MANIFEST).is_file():
@@ -165,7 +165,7 @@ def _device_report(target: Path, device: str) -> dict[str, Any]:
     if isinstance(devices.get(device), dict) and devices[device].get("choice"):
         return devices[device]
     try:
-        return fit_build(target, profile)
+        return fit_build(target, device)
     except DeviceError as e:
         raise ServeError(str(e)) from None
 

@@ -65,6 +65,7 @@ class TransformersBackend:
         self.n_ctx, self.slots, self.max_queue = n_ctx, slots, max_queue
         self._waiting: queue.Queue[_Request | None] = queue.Queue()
         self._active = 0
+        self._running: list[_Request] = []
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="transformers-backend", daemon=True)
         self._worker.start()
@@ -95,6 +96,8 @@ class TransformersBackend:
 
     def close(self) -> None:
         self._closed = True
+        for r in list(self._running):  # the running batch stops at its next step
+            r.cancel()
         self._waiting.put(None)
         self._worker.join(timeout=30)
 
@@ -117,7 +120,7 @@ class TransformersBackend:
             batch = [r for r in batch if not r.cancelled.is_set()]
             if not batch:
                 continue
-            self._active = len(batch)
+            self._active, self._running = len(batch), batch
             try:
                 with self._torch.inference_mode():
                     self._generate(batch)
@@ -125,7 +128,7 @@ class TransformersBackend:
                 for r in batch:
                     r.emit(Failed(f"transformers generation failed: {type(e).__name__}: {e}"))
             finally:
-                self._active = 0
+                self._active, self._running = 0, []
 
     def _generate(self, batch: list[_Request]) -> None:
         torch = self._torch
