@@ -23,7 +23,8 @@ from .errors import EdgeDistillError
 from .progress import console
 from .recipe import Recipe
 
-STAGE_ORDER = ["teacher", "student_init", "distill", "compress", "export", "eval", "devices", "report"]
+STAGE_ORDER = ["teacher", "hybrid_teacher", "student_init", "distill", "hybrid_student", "compress", "export", "routing",
+               "eval", "devices", "report"]
 VERSIONED = ["torch", "transformers", "tokenizers", "safetensors", "gguf", "onnx", "onnxruntime", "onnxscript",
              "llama_cpp_python", "numpy", "fastapi"]
 
@@ -54,6 +55,11 @@ class BuildContext:
     @functools.cached_property
     def teacher_dir(self) -> str:
         return self.metrics("teacher")["model_dir"]
+
+    @property
+    def student_dir(self) -> Path:
+        """The student that is compressed, exported and evaluated: trained in both thinking modes when routing is on."""
+        return self.path("student_hybrid" if self.recipe.routing.enabled else "student")
 
     @functools.cached_property
     def tokenizer(self):
@@ -133,9 +139,9 @@ def stage_compress(ctx: BuildContext) -> Artifact:
         return Artifact([], {"method": "none"})
     stream = token_stream(ctx.tokenizer, ctx.corpus.train, max_tokens=spec.calib_windows * spec.calib_seq_len)
     calib = windows(stream, spec.calib_seq_len, spec.calib_windows, what="calibration text")
-    qat = ctx.path("student", "qat", CODES_FILE)
+    qat = ctx.student_dir / "qat" / CODES_FILE
     with atomic_dir(dest) as tmp:
-        metrics = compress_model(ctx.path("student"), tmp, spec, ctx.tokenizer, calib,
+        metrics = compress_model(ctx.student_dir, tmp, spec, ctx.tokenizer, calib,
                                  ctx.eval_windows[:spec.eval_windows],
                                  qat_codes=qat if ctx.recipe.distill.quantize_aware == spec.method else None)
     return Artifact([dest], metrics)
@@ -155,7 +161,7 @@ def stage_export(ctx: BuildContext) -> Artifact:
     reshaped = ctx.recipe.compress.method in ("sparsegpt", "structured")
     with atomic_dir(dest) as tmp:
         for qtype in exp.gguf:
-            src, codes = (compressed / "model" if reshaped else ctx.path("student")), None
+            src, codes = (compressed / "model" if reshaped else ctx.student_dir), None
             if qtype == grid and codes_file.is_file():
                 src, codes = compressed / "model", load_codes(codes_file)
             name = f"student-{qtype}.gguf"
@@ -164,7 +170,7 @@ def stage_export(ctx: BuildContext) -> Artifact:
         if exp.onnx:
             from .export.onnx import export_onnx
             from .export.onnx_quant import quantize_onnx
-            info = export_onnx(compressed / "model" if reshaped else ctx.path("student"), tmp / "student.onnx",
+            info = export_onnx(compressed / "model" if reshaped else ctx.student_dir, tmp / "student.onnx",
                                graph=exp.onnx_graph)
             metrics["onnx"] = {k: v for k, v in info.items() if k not in ("files", "inputs", "outputs")}
             metrics["onnx"]["graph"] = exp.onnx_graph
@@ -185,7 +191,7 @@ def stage_eval(ctx: BuildContext) -> Artifact:
     from .models import load_causal_lm
     runners = {"teacher": torch_logits_fn(load_causal_lm(ctx.teacher_dir)),
                "student_init": torch_logits_fn(load_causal_lm(str(ctx.path("student_init")))),
-               "student": torch_logits_fn(load_causal_lm(str(ctx.path("student"))))}
+               "student": torch_logits_fn(load_causal_lm(str(ctx.student_dir)))}
     if ctx.path("compressed", "model").is_dir():
         runners["compressed"] = torch_logits_fn(load_causal_lm(str(ctx.path("compressed", "model"))))
     closers = []
@@ -211,6 +217,15 @@ def stage_eval(ctx: BuildContext) -> Artifact:
                                  for rel, m in zip(exported_files(ctx), _reopen(ctx))}
     from .evaluate import check_gates
     metrics["gates"] = check_gates(metrics, ctx.recipe.eval, exported_files(ctx))
+    if ctx.recipe.routing.enabled:
+        from .routing.report import ROWS
+        r = ctx.metrics("routing")
+        keys = [k for _, acc, tok, _ in ROWS for k in (acc, tok)] + [
+            "student_acc_think", "student_acc_nothink", "teacher_acc_nothink", "escalation_rate",
+            "target_escalation_rate", "think_rate", "budget_hits", "routed_vs_teacher", "adaptive_token_saving",
+            "policy_overhead_ms_p95", "think_threshold", "escalation_threshold", "calib_escalation_rate", "target",
+            "latency_s", "test_size", "calib_size", "generation_backend"]
+        metrics["routing"] = {k: r[k] for k in keys if k in r}
     return Artifact([], metrics)
 
 
@@ -224,6 +239,57 @@ def _reopen(ctx: BuildContext):
         else:
             from .export.ort import OnnxModel
             yield OnnxModel(ctx.path(rel))
+
+
+def _work(ctx: BuildContext, name: str) -> Path:
+    return ctx.path("routing_work", name, sha256_json(stage_inputs(ctx, name))[:16])
+
+
+def stage_hybrid_teacher(ctx: BuildContext) -> Artifact:
+    """Routing on: the teacher fine-tuned on the suite's thinking and direct samples (+ its GGUF)."""
+    if not ctx.recipe.routing.enabled:
+        return Artifact([], {"enabled": False})
+    import shutil
+
+    from .routing.stage import adapt_teacher
+    dest = ctx.path("teacher_hybrid")
+    with atomic_dir(dest) as tmp:
+        metrics = adapt_teacher(ctx.teacher_dir, ctx.tokenizer, ctx.recipe.routing, ctx.recipe.distill.precision, tmp,
+                                _work(ctx, "hybrid_teacher"))
+    shutil.rmtree(ctx.path("routing_work", "hybrid_teacher"), ignore_errors=True)
+    return Artifact([dest], metrics)
+
+
+def stage_hybrid_student(ctx: BuildContext) -> Artifact:
+    """Routing on: the distilled student trained in both modes from the adapted teacher."""
+    if not ctx.recipe.routing.enabled:
+        return Artifact([], {"enabled": False})
+    import shutil
+
+    from .routing.stage import distill_hybrid
+    dest = ctx.path("student_hybrid")
+    with atomic_dir(dest) as tmp:
+        metrics = distill_hybrid(ctx.path("student"), ctx.path("teacher_hybrid"), ctx.tokenizer, ctx.recipe.routing,
+                                 ctx.recipe.distill.precision, ctx.recipe.distill.quantize_aware, tmp,
+                                 _work(ctx, "hybrid_student"))
+    shutil.rmtree(ctx.path("routing_work", "hybrid_student"), ignore_errors=True)
+    return Artifact([dest], metrics)
+
+
+def stage_routing(ctx: BuildContext) -> Artifact:
+    """Routing on: calibrate router.json on the suite's calibration split, evaluate on its held-out split."""
+    if not ctx.recipe.routing.enabled:
+        return Artifact([], {"enabled": False})
+    from .errors import RoutingError
+    from .routing.stage import calibrate_and_evaluate
+    ggufs = [rel for rel in exported_files(ctx) if rel.endswith(".gguf")]
+    if not ggufs:
+        raise RoutingError("routing is enabled but no GGUF is exported; add q8_0 to export.gguf (the router is "
+                           "calibrated on the file that is served) or set routing.enabled: false.")
+    student = "export/student-q8_0.gguf" if "export/student-q8_0.gguf" in ggufs else ggufs[0]
+    metrics, outputs = calibrate_and_evaluate(ctx.path(student), ctx.path("teacher_hybrid", "teacher-q8_0.gguf"),
+                                              ctx.tokenizer, ctx.recipe.routing, ctx.out_dir)
+    return Artifact(outputs, metrics)
 
 
 def stage_devices(ctx: BuildContext) -> Artifact:
@@ -243,34 +309,56 @@ def stage_report(ctx: BuildContext) -> Artifact:
 
 
 STAGES: dict[str, Callable[[BuildContext], Artifact]] = {
-    "teacher": stage_teacher, "student_init": stage_student_init, "distill": stage_distill,
-    "compress": stage_compress, "export": stage_export, "eval": stage_eval, "devices": stage_devices,
+    "teacher": stage_teacher, "hybrid_teacher": stage_hybrid_teacher, "student_init": stage_student_init,
+    "distill": stage_distill, "hybrid_student": stage_hybrid_student, "compress": stage_compress,
+    "export": stage_export, "routing": stage_routing, "eval": stage_eval, "devices": stage_devices,
     "report": stage_report,
 }
+
+
+_HYBRID_TEACHER_FIELDS = ("seed", "train_size", "teacher_steps", "teacher_lr", "teacher_ce_weight", "batch_size", "seq_len")
+_HYBRID_STUDENT_FIELDS = ("seed", "train_size", "student_steps", "student_lr", "student_ce_weight", "sequence_kd_fraction",
+                          "batch_size", "seq_len", "think_budget", "answer_tokens")
 
 
 def stage_inputs(ctx: BuildContext, name: str) -> dict:
     r = ctx.recipe
     fp = ctx.manifest.output_fingerprint
+    rt = r.routing
+    # With routing off, the stages before it hash as they always did (no rebuild of existing builds).
+    routed = (lambda d, *stages: d | {s: fp(s) for s in stages}) if rt.enabled else (lambda d, *stages: d)
     if name == "teacher":
         return {"teacher": r.teacher.model_dump()}
+    if name == "hybrid_teacher":
+        return {"enabled": False} if not rt.enabled else {
+            "teacher": fp("teacher"), "precision": r.distill.precision,
+            "routing": {k: getattr(rt, k) for k in _HYBRID_TEACHER_FIELDS}}
     if name == "student_init":
         return {"teacher": fp("teacher"), "student": r.student.model_dump(), "data": r.data.model_dump(),
                 "seq_len": r.distill.seq_len}
     if name == "distill":
         return {"teacher": fp("teacher"), "student_init": fp("student_init"), "distill": r.distill.model_dump(),
                 "data": r.data.model_dump()}
+    if name == "hybrid_student":
+        return {"enabled": False} if not rt.enabled else {
+            "distill": fp("distill"), "hybrid_teacher": fp("hybrid_teacher"), "precision": r.distill.precision,
+            "quantize_aware": r.distill.quantize_aware, "routing": {k: getattr(rt, k) for k in _HYBRID_STUDENT_FIELDS}}
     if name == "compress":
-        return {"student": fp("distill"), "compress": r.compress.model_dump()}
+        return routed({"student": fp("distill"), "compress": r.compress.model_dump()}, "hybrid_student")
     if name == "export":
-        return {"student": fp("distill"), "compressed": fp("compress"), "export": r.export.model_dump()}
+        return routed({"student": fp("distill"), "compressed": fp("compress"), "export": r.export.model_dump()},
+                      "hybrid_student")
+    if name == "routing":
+        return {"enabled": False} if not rt.enabled else {
+            "export": fp("export"), "hybrid_teacher": fp("hybrid_teacher"), "routing": rt.model_dump()}
     if name == "eval":
-        return {s: fp(s) for s in ("teacher", "student_init", "distill", "compress", "export")} | {
-            "eval": r.eval.model_dump(), "data": r.data.model_dump()}
+        return routed({s: fp(s) for s in ("teacher", "student_init", "distill", "compress", "export")} | {
+            "eval": r.eval.model_dump(), "data": r.data.model_dump()}, "hybrid_student", "routing")
     if name == "devices":
         return {"export": fp("export"), "eval": fp("eval"), "devices": r.devices.model_dump()}
     if name == "report":
-        return {"eval": fp("eval"), "distill": fp("distill"), "export": fp("export"), "devices": fp("devices")}
+        return routed({"eval": fp("eval"), "distill": fp("distill"), "export": fp("export"), "devices": fp("devices")},
+                      "routing")
     raise KeyError(name)
 
 

@@ -39,3 +39,7 @@ class ServeError(EdgeDistillError):
 
 class DeviceError(EdgeDistillError):
     """An unknown device, an invalid profile, or no exported file fits the device."""
+
+
+class RoutingError(EdgeDistillError):
+    """A routing policy (router.json) is invalid, or its calibration could not be done."""

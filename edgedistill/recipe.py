@@ -155,6 +155,44 @@ class DevicesSpec(Section):
         return v
 
 
+class RoutingSpec(Section):
+    """Adaptive thinking + escalation: adapt the teacher and student on the reasoning suite, calibrate router.json."""
+    enabled: bool = Field(True, description="adapt teacher and student on the suite's hybrid data and calibrate router.json")
+    seed: int = 0
+    train_size: int = Field(400, ge=4, le=1_000_000, description="suite problems for training (each: a thinking and a direct sample)")
+    calib_size: int = Field(80, ge=8, le=100_000, description="problems the thresholds are calibrated on")
+    test_size: int = Field(100, ge=4, le=100_000, description="held-out problems for the routing evaluation")
+    teacher_steps: int = Field(40, ge=1, le=1_000_000, description="full fine-tune steps of the teacher on hybrid data")
+    teacher_lr: float = Field(1e-4, gt=0.0, lt=1.0)
+    teacher_ce_weight: float = Field(0.8, ge=0.0, le=1.0, description="gold-token CE share; the rest is KL to the original teacher (keeps it close)")
+    student_steps: int = Field(40, ge=1, le=1_000_000, description="hybrid distillation steps of the student")
+    student_lr: float = Field(3e-4, gt=0.0, lt=1.0)
+    student_ce_weight: float = Field(0.5, ge=0.0, le=1.0, description="gold-trace CE share; the rest is logit KD from the adapted teacher")
+    sequence_kd_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of student batches on the adapted teacher's own traces")
+    batch_size: int = Field(8, ge=1, le=4096)
+    seq_len: int = Field(256, ge=32, le=32768, description="longest hybrid sample (tokens)")
+    think_budget: int = Field(128, ge=1, le=32768, description="max thinking tokens in evaluation and in router.json")
+    answer_tokens: int = Field(32, ge=1, le=4096, description="max tokens after the thinking")
+    think_max_acc_loss: float = Field(0.01, ge=0.0, le=1.0, description="adaptive thinking may lose at most this accuracy vs always-think on calibration")
+    target_accuracy_ratio: float | None = Field(None, gt=0.0, le=1.0, description="routed accuracy ≥ this × teacher-only accuracy")
+    max_escalation_rate: float | None = Field(None, ge=0.0, le=1.0, description="escalate at most this share of requests (default target: 0.25)")
+    token_budget: float | None = Field(None, gt=0.0, description="mean generated tokens per request, small + large model")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "RoutingSpec":
+        given = [k for k in ("target_accuracy_ratio", "max_escalation_rate", "token_budget") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"routing: give exactly one target, got {given}; keep one of them")
+        return self
+
+    def target(self) -> tuple[str, float]:
+        """The calibration target: the one given, else max_escalation_rate 0.25."""
+        for k in ("target_accuracy_ratio", "max_escalation_rate", "token_budget"):
+            if getattr(self, k) is not None:
+                return k, float(getattr(self, k))
+        return "max_escalation_rate", 0.25
+
+
 class Recipe(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
@@ -165,6 +203,7 @@ class Recipe(Section):
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     devices: DevicesSpec = Field(default_factory=DevicesSpec)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
 
     @model_validator(mode="after")
     def _codes_are_exported(self) -> "Recipe":
@@ -183,6 +222,10 @@ class Recipe(Section):
         r.eval.windows = min(r.eval.windows, 8)
         r.compress.calib_windows = min(r.compress.calib_windows, 8)
         r.data.max_chars = min(r.data.max_chars, 600_000)
+        r.routing.teacher_steps = min(r.routing.teacher_steps, 10)
+        r.routing.student_steps = min(r.routing.student_steps, 10)
+        r.routing.calib_size = min(r.routing.calib_size, 40)
+        r.routing.test_size = min(r.routing.test_size, 40)
         return r
 
 

@@ -94,6 +94,10 @@ def write_report(out_dir: Path, manifest: Manifest) -> list[Path]:
         d = f"{tps[name]:.1f}" if name in tps else "—"
         lines.append(f"| `{name}` | {value:.3f} | {t} | {k} | {_fmt_bytes(sizes.get(name))} | {d} |")
     lines += _devices_section(st.get("devices", {}).get("metrics", {}))
+    if ev.get("routing"):
+        from .routing.report import routing_table
+        lines += ["", "## Adaptive thinking and routing (reasoning suite, held-out split)", "",
+                  routing_table(st["routing"]["metrics"]), "![accuracy vs generated tokens](routing/pareto.png)"]
     lines += ["", "## Stages", "", "| stage | seconds | outputs |", "|---|---:|---:|"]
     for name, rec in st.items():
         if name == "report":

@@ -14,7 +14,8 @@ def tiny_recipe(model_dir, **over):
             "student": {"calib_windows": 2},
             "data": {"max_chars": 150_000},
             "distill": {"steps": 12, "batch_size": 4, "seq_len": 64, "lr": 2e-3, "warmup_steps": 2},
-            "eval": {"windows": 4, "seq_len": 64}}
+            "eval": {"windows": 4, "seq_len": 64},
+            "routing": {"enabled": False}}  # tests/test_build_routing.py builds with it on
     for k, v in over.items():
         data.setdefault(k, {}).update(v)
     return parse_recipe(data)

@@ -200,16 +200,24 @@ def test_gradio_page_answers_through_the_api(tmp_path):
     backend = ScriptBackend(THOUGHT)
     with serving(create_app(tmp_path, backend=backend, ui=True)) as url:
         client = Client(f"{url}/ui/", verbose=False)
-        history, box = client.predict("what is 2+2?", [], 0.0, 32, api_name="/chat")
-    assert box == ""
-    roles = [(m["role"], (m.get("metadata") or {}).get("title")) for m in history]
-    assert roles == [("user", None), ("assistant", "Thinking"), ("assistant", None), ("assistant", "Route")]
-    text = [_text(m["content"]) for m in history]
-    assert text[1] == "Two and two" and text[2] == "It is 4."
-    assert "echo" in text[3] and "3 in / 5 out" in text[3]
-    assert backend.seen[-1].max_tokens == 32 and backend.seen[-1].temperature == 0.0
+        history, box, card = client.predict("what is 2+2?", [], 0.0, 32, "auto", 0, api_name="/chat")
+        assert box == ""
+        roles = [(m["role"], (m.get("metadata") or {}).get("title")) for m in history]
+        assert roles == [("user", None), ("assistant", "Thinking"), ("assistant", None), ("assistant", "Route")]
+        text = [_text(m["content"]) for m in history]
+        assert text[1] == "Two and two" and text[2] == "It is 4."
+        assert "echo" in text[3] and "3 in / 5 out" in text[3] and "**think** off (auto)" in text[3]
+        assert "**escalated** no" in text[3] and "**confidence** n/a" in text[3] and card == text[3]
+        assert backend.seen[-1].max_tokens == 32 and backend.seen[-1].temperature == 0.0
+        # Thinking off from the page is strict: no thought bubble; a budget with "on" reaches the backend.
+        off, _, card = client.predict("what is 2+2?", [], 0.0, 32, "off", 0, api_name="/chat")
+        assert [(m.get("metadata") or {}).get("title") for m in off] == [None, None, "Route"]
+        assert "**think** off (off)" in card
+        client.predict("what is 2+2?", [], 0.0, 32, "on", 64, api_name="/chat")
+        assert backend.seen[-1].think_budget == 64
     with serving(create_app(tmp_path, backend=ScriptBackend(), ui=True)) as url:  # a second turn sees the first
-        history, _ = Client(f"{url}/ui/", verbose=False).predict("and 3+3?", history, 0.0, 32, api_name="/chat")
+        history, _, _ = Client(f"{url}/ui/", verbose=False).predict("and 3+3?", history, 0.0, 32, "auto", 0,
+                                                                    api_name="/chat")
     assert _text(history[-2]["content"]) == "and 3+3? "
 
 

@@ -209,3 +209,17 @@ def test_workers_are_instances_and_requests_go_to_the_least_busy(build):
         pool.close()
     with serving(create_app(build, workers=2, slots=2, ctx_per_slot=256, n_threads=2, max_tokens_cap=8)) as url:
         assert client_for(url).chat.completions.create(model=NAME, messages=USER, max_tokens=4).usage
+
+
+def test_transformers_backend_writes_the_prefix_and_reports_logprobs(build):
+    from edgedistill.serve.torch_backend import TransformersBackend
+
+    b = TransformersBackend(build / "student", slots=2, n_ctx=256, n_threads=1)
+    try:
+        plain = b.render(Prompt(messages=tuple(USER)))
+        prefixed = b.render(Prompt(messages=tuple(USER), prefix="<think>\n"))
+        assert prefixed[:len(plain)] == plain and len(prefixed) > len(plain)
+        _, fin = generate(b, Prompt(messages=tuple(USER)), SamplingParams(max_tokens=5, temperature=0.0, logprobs=True))
+        assert len(fin.token_logprobs) >= fin.completion_tokens and all(lp <= 0 for lp in fin.token_logprobs)
+    finally:
+        b.close()

@@ -70,6 +70,7 @@ class LlamaCppModel:
                 raise ExportError(f"llama.cpp refused {path}: {reason}. The file is not a GGUF this llama.cpp "
                                   f"build can load; re-export it.") from None
         self.n_vocab: int = self._llm.n_vocab()
+        self.eos_id: int = self._llm.token_eos()
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         """Like `hf_tokenizer.encode(text, add_special_tokens=add_special)`: special tokens in text are matched."""
@@ -91,6 +92,37 @@ class LlamaCppModel:
         self._llm.reset()
         self._llm.eval(tokens)  # decodes in n_batch chunks, keeping every position's logits
         return np.array(self._llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+
+    def generate_greedy(self, prompt: list[int], max_tokens: int, stop_ids: set[int],
+                        stop_text: str | None = None) -> tuple[list[int], list[float], str]:
+        """Greedy tokens after `prompt`, their log-probs, and why it ended ("stop", "stop_text" or "length").
+
+        The longest prefix shared with what is already in the KV cache is not computed again.
+        """
+        llm = self._llm
+        if not prompt or len(prompt) + max_tokens > self.n_ctx:
+            raise ExportError(f"prompt of {len(prompt)} tokens + {max_tokens} new ones does not fit the context of "
+                              f"{self.n_ctx}; open the model with a larger n_ctx.")
+        cached = llm.input_ids[: llm.n_tokens]
+        k = 0
+        while k < min(len(cached), len(prompt) - 1) and cached[k] == prompt[k]:
+            k += 1
+        llm.n_tokens = k
+        llm.eval(prompt[k:])
+        out: list[int] = []
+        lps: list[float] = []
+        for _ in range(max_tokens):
+            row = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            tok = int(row.argmax())
+            if tok in stop_ids:
+                return out, lps, "stop"
+            m = row[tok]
+            lps.append(float(-np.log(np.exp(row - m).sum())))  # log-softmax at the argmax
+            out.append(tok)
+            if stop_text and stop_text in self.detokenize(out[-8:]):
+                return out, lps, "stop_text"
+            llm.eval([tok])
+        return out, lps, "length"
 
     def decode_tokens_per_s(self, n_tokens: int = 64, prompt: list[int] | None = None) -> float:
         """Greedy single-token decode speed after a short prompt (prefill excluded): 1 / the median step time,

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Awaitable
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .backend import Backend, LlamaCppBackend, pick_gguf
 from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
                       ModelCard, ModelList, Readiness)
+from .route import route_headers
 from .service import ApiError, ChatService
 
 log = logging.getLogger(__name__)
@@ -68,19 +69,22 @@ def retrieve_model(model_id: str, service: Service) -> ModelCard:
 
 
 @v1.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(req: ChatCompletionRequest, service: Service, request: Request) -> Any:
-    gen = service.start_chat(req)
+async def chat_completions(req: ChatCompletionRequest, service: Service, request: Request, response: Response) -> Any:
+    run = service.start_chat(req)
     if req.stream:
-        return StreamingResponse(service.stream(gen, chat=True, include_usage=req.include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
-    return await _unless_disconnected(request, service.chat_completion(gen))
+        return StreamingResponse(service.stream_chat(run, include_usage=req.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **route_headers(run.route, final=False)})
+    answer = await _unless_disconnected(request, service.chat_completion(run))
+    response.headers.update(route_headers(answer.edgedistill))
+    return answer
 
 
 @v1.post("/completions", response_model=Completion)
 async def completions(req: CompletionRequest, service: Service, request: Request) -> Any:
     gen = service.start_completion(req)
     if req.stream:
-        return StreamingResponse(service.stream(gen, chat=False, include_usage=req.include_usage),
+        return StreamingResponse(service.stream(gen, include_usage=req.include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     return await _unless_disconnected(request, service.completion(gen))
 
@@ -229,17 +233,22 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
                backend: Backend | None = None, slots: int | None = None, ctx_per_slot: int | None = None,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
                ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
+               policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0,
                backend_kind: str | None = None, device: str | None = None, workers: int = 1) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
     context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
     Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
-    `llm_api_key`) or another build folder / GGUF. `backend_kind` (llamacpp | onnx | transformers),
-    `device` (a profile: its file, threads, context and slots) and `workers` (instances) go to
-    `serve.select.plan_serving`; with `device`, `slots` / `ctx_per_slot` / `n_threads` of None take the
-    profile's values."""
+    `llm_api_key`) or another build folder / GGUF: chat requests for the default model are then routed,
+    escalating to it when the small model is unsure or fails (route.py). The routing `policy` is the
+    build's router.json when there is one, else `RoutingPolicy.default()`; each model gets
+    `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure. `backend_kind`
+    (llamacpp | onnx | transformers), `device` (a profile: its file, threads, context and slots) and
+    `workers` (instances) go to `serve.select.plan_serving`; with `device`, `slots` / `ctx_per_slot` /
+    `n_threads` of None take the profile's values."""
     target = Path(target)
+    policy = policy if policy is not None else _routing_policy(target)  # a bad router.json fails before loading
     if backend is None:
         from .select import open_backend, plan_serving
         plan = plan_serving(target, backend=backend_kind, device=device, slots=slots, ctx=ctx_per_slot,
@@ -247,7 +256,9 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
         log.info("serving %s", plan.describe())
         backend = open_backend(plan, max_queue=max_queue)
     fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads) if llm else None
-    service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback)
+    service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback,
+                          policy=policy,
+                          small_timeout_s=small_timeout_s, large_timeout_s=large_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -271,12 +282,24 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     return app
 
 
+def _routing_policy(target: Path) -> Any:
+    """The build's router.json (a bad one is an error naming the field), else the uncalibrated default."""
+    from ..routing.policy import ROUTER_FILE, RoutingPolicy
+
+    path = target / ROUTER_FILE if target.is_dir() else target.parent / ROUTER_FILE
+    if path.is_file():
+        return RoutingPolicy.load(path)
+    log.info("no %s next to %s: routing with the uncalibrated default policy", ROUTER_FILE, target)
+    return RoutingPolicy.default()
+
+
 def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None) -> Backend:
     if llm.startswith(("http://", "https://")):
         from .remote import RemoteBackend
         return RemoteBackend(llm, api_key=api_key)
     gguf = pick_gguf(Path(llm))
-    return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=f"llm-{gguf.stem}")
+    name = Path(llm).resolve().name if Path(llm).is_dir() else f"llm-{gguf.stem}"  # like the default model's
+    return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=name)
 
 
 def run_server(target: Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

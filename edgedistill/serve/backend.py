@@ -27,9 +27,11 @@ class Handle(Protocol):
 
 @dataclass(frozen=True)
 class Prompt:
-    """Either chat `messages` (the backend applies its chat template) or raw `text` to continue."""
+    """Either chat `messages` (the backend applies its chat template) or raw `text` to continue. `prefix` is
+    the start of the assistant's answer, written after the template's generation prompt (e.g. "<think>\n")."""
     messages: tuple[Mapping[str, str], ...] | None = None
     text: str | None = None
+    prefix: str = ""
 
 
 class Backend(Protocol):
@@ -49,6 +51,7 @@ class Backend(Protocol):
 
 class LlamaCppBackend:
     """One GGUF in llama.cpp, served by continuous batching (`BatchEngine`) across `slots` sequences."""
+    prefills = True  # Prompt.prefix is written after the chat template's generation prompt
 
     def __init__(self, gguf_path: str | Path, *, slots: int = 8, ctx_per_slot: int = 2048,
                  n_threads: int | None = None, max_queue: int = 64, name: str | None = None):
@@ -80,7 +83,7 @@ class LlamaCppBackend:
         if prompt.messages is not None:
             out = self._format(messages=[dict(m) for m in prompt.messages])
             # The template may write BOS itself; otherwise the tokenizer adds it if the model asks for one.
-            return self.engine.tokenize(out.prompt, add_bos=not out.added_special)
+            return self.engine.tokenize(out.prompt + prompt.prefix, add_bos=not out.added_special)
         return self.engine.tokenize(prompt.text or "", add_bos=True)
 
     def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> Handle:

@@ -6,6 +6,11 @@ once, and samples each sequence with its own sampler chain (temperature, top_p, 
 wait in a bounded FIFO queue (first come, first admitted); a slot (sequence id) is freed the step
 after its request finishes or is cancelled. Results leave through each job's `emit` callback,
 called on the engine thread.
+
+Thinking: each sequence tracks whether it is inside a <think> block (from its prompt, then from its
+text) and counts the tokens it writes there. When a budget of thinking tokens is spent, the engine
+feeds a short stop-thinking sentence and `</think>` into that sequence itself (several tokens in one
+decode, in the same batch as everyone else's next token) and lets the model answer from there.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 
 from ..errors import ServeError
 from .events import Delta, Event, Failed, Finished, SamplingParams
+from .thinking import CLOSE, OPEN, STOP_THINKING
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,12 @@ class _Sequence:
     text: str = ""
     sent: int = 0  # len(text) already emitted
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    in_think: bool = False
+    think_scan: int = 0  # where in `text` to look for the next <think> / </think>
+    thinking_tokens: int = 0
+    budget_hit: bool = False
+    inserted: list[int] = field(default_factory=list)  # tokens to feed after next_token (the stop-thinking sentence)
+    logprobs: list[float] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -111,6 +123,7 @@ class BatchEngine:
         self._piece = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}  # token -> its text bytes, filled as tokens appear
         self._eog: dict[int, bool] = {}
+        self._stop_thinking = self.tokenize(STOP_THINKING, add_bos=False)
         self.n_vocab = self.model.n_vocab()
         self._pending: deque[Job] = deque()
         self._running: list[_Sequence] = []
@@ -200,7 +213,8 @@ class BatchEngine:
             self._ll.llama_memory_seq_rm(self.ctx.memory, seq_id, reuse, -1)
             self._cached[seq_id] = []
             self.reused_tokens += reuse
-            self._running.append(_Sequence(job, seq_id, self._make_sampler(job.params), fed=reuse, n_past=reuse))
+            self._running.append(_Sequence(job, seq_id, self._make_sampler(job.params), fed=reuse, n_past=reuse,
+                                           in_think=job.params.think_open))
 
     def _make_sampler(self, p: SamplingParams) -> ctypes.c_void_p | None:
         """A llama.cpp sampler chain, or None for greedy (argmax over the step's logits in numpy)."""
@@ -233,8 +247,11 @@ class BatchEngine:
         # Running sequences first (one token each), then prompt chunks in admission order, so a long
         # prompt never stalls the streams already going.
         for s in self._running:
-            if not s.prefilling and s.next_token is not None:
-                add(s, s.next_token, True)
+            if not s.prefilling and s.next_token is not None and n + 1 + len(s.inserted) <= self.n_batch:
+                tail, s.inserted = s.inserted, []
+                add(s, s.next_token, not tail)
+                for k, token in enumerate(tail):
+                    add(s, token, k == len(tail) - 1)
                 s.next_token = None
         for s in self._running:
             while s.prefilling and n < self.n_batch:
@@ -249,15 +266,19 @@ class BatchEngine:
             raise ServeError(f"llama_decode returned {rc}")
         # Few foreign calls per step: each one drops and retakes the GIL, and on a busy machine every retake
         # can wait a scheduler slice for the event loop thread. Greedy rows are argmaxed in one go.
-        greedy = None
-        if any(s.sampler is None for s, _ in wants_logits):
+        greedy = lse = logits = None
+        need_lp = [s.job.params.logprobs for s, _ in wants_logits]
+        if any(s.sampler is None for s, _ in wants_logits) or any(need_lp):
             logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self.ctx.ctx), shape=(len(wants_logits), self.n_vocab))
             greedy = logits.argmax(axis=1)
+            if any(need_lp):  # log-softmax normaliser of the raw (temperature 1) distribution, rows at once
+                m = logits.max(axis=1, keepdims=True)
+                lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
         for row, (s, i) in enumerate(wants_logits):
             token = int(greedy[row]) if s.sampler is None else self._ll.llama_sampler_sample(s.sampler, self.ctx.ctx, i)
-            self._advance(s, token)
+            self._advance(s, token, float(logits[row, token] - lse[row]) if need_lp[row] else None)
 
-    def _advance(self, s: _Sequence, token: int) -> None:
+    def _advance(self, s: _Sequence, token: int, logprob: float | None = None) -> None:
         """Account for one sampled token: emit its text, or end the sequence."""
         p = s.job.params
         eog = self._eog.get(token)
@@ -266,7 +287,12 @@ class BatchEngine:
         if eog:
             return self._finish(s, "stop")
         s.completion_tokens += 1
+        if logprob is not None:
+            s.logprobs.append(logprob)
         s.text += s.decoder.decode(self._token_bytes(token))
+        was_thinking = s.in_think
+        self._track_think(s)
+        s.thinking_tokens += was_thinking or s.in_think
         stop_at = min((i for i in (s.text.find(x, s.sent) for x in p.stop) if i >= 0), default=-1)
         if stop_at >= 0:
             s.text = s.text[:stop_at]
@@ -281,6 +307,32 @@ class BatchEngine:
             return self._finish(s, "length")
         s.next_token = token
         s.generated.append(token)
+        if s.in_think and p.think_budget is not None and s.thinking_tokens >= p.think_budget:
+            self._stop_thinking_now(s)
+
+    def _track_think(self, s: _Sequence) -> None:
+        """Follow <think> / </think> in the text (tags may span several tokens)."""
+        while True:
+            tag = CLOSE if s.in_think else OPEN
+            i = s.text.find(tag, s.think_scan)
+            if i < 0:
+                s.think_scan = max(s.think_scan, len(s.text) - len(tag) + 1)
+                return
+            s.in_think, s.think_scan = not s.in_think, i + len(tag)
+
+    def _stop_thinking_now(self, s: _Sequence) -> None:
+        """The budget is spent: queue the stop-thinking sentence and `</think>` behind the sampled token."""
+        inserted = self._stop_thinking
+        if s.n_past + 1 + len(inserted) >= self.ctx_per_slot or len(inserted) + 1 > self.n_batch:
+            return self._finish(s, "length")
+        s.inserted = list(inserted)
+        s.generated.extend(inserted)
+        s.completion_tokens += len(inserted)
+        s.budget_hit, s.in_think = True, False
+        s.text += s.decoder.decode(b"", final=True) + STOP_THINKING
+        s.think_scan = len(s.text)
+        s.job.emit(Delta(s.text[s.sent:], len(inserted)))
+        s.sent = len(s.text)
 
     def _token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -300,7 +352,8 @@ class BatchEngine:
             s.text += s.decoder.decode(b"", final=True)
         if s.sent < len(s.text):
             s.job.emit(Delta(s.text[s.sent:], 0))
-        self._release(s, Finished(reason, len(s.job.prompt), s.completion_tokens))
+        self._release(s, Finished(reason, len(s.job.prompt), s.completion_tokens, s.thinking_tokens, s.budget_hit,
+                                  tuple(s.logprobs)))
 
     def _release(self, s: _Sequence, event: Event | None, *, keep_cache: bool = True) -> None:
         self._running.remove(s)

@@ -14,6 +14,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # collect the log-probability of every sampled token (for the routing confidence)
+    think_open: bool = False  # the prompt ends inside an open <think> block
+    think_budget: int | None = None  # thinking tokens allowed before the backend closes the block itself
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class Finished:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    thinking_tokens: int = 0  # tokens written inside <think>…</think>
+    budget_hit: bool = False  # the thinking budget ran out and the backend closed the block
+    token_logprobs: tuple[float, ...] = ()  # of the sampled tokens, when asked for (not of inserted ones)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class _Cancel:
 
 class OnnxBackend:
     """`OnnxBackend(onnx_path, tokenizer_dir)`: generation with an ONNX (KV-cache) graph on the CPU."""
+    prefills = True
 
     def __init__(self, onnx_path: str | Path, tokenizer_dir: str | Path, *, n_ctx: int = 2048,
                  threads: int | None = None, name: str | None = None, max_queue: int = 64):
@@ -59,7 +60,8 @@ class OnnxBackend:
         if prompt.messages is not None:
             ids = self._tok.apply_chat_template([dict(m) for m in prompt.messages], add_generation_prompt=True,
                                                 tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return ids + (self._tok(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else [])
         return list(self._tok(prompt.text or "", add_special_tokens=True)["input_ids"])
 
     def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> _Cancel:

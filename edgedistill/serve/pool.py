@@ -37,5 +37,9 @@ class WorkerPool:
             b.close()
 
     @property
+    def prefills(self) -> bool:
+        return all(getattr(b, "prefills", False) for b in self.workers)
+
+    @property
     def ready(self) -> bool:
         return all(getattr(b, "ready", True) for b in self.workers)

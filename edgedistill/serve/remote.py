@@ -3,7 +3,8 @@
 This is how a larger "LLM" is reached for fallback: the server lists it as a second model and
 forwards requests for it, streaming. Each request runs on its own thread; failures before the
 first token (connection errors, 429, 5xx) are retried with backoff, failures after it are not
-(the client already has part of the answer). Reasoning the remote sends in a `reasoning` /
+(the client already has part of the answer), and a stream that ends without its final chunk is reported
+as cut (a Failed event), never passed off as a complete answer. Reasoning the remote sends in a `reasoning` /
 `reasoning_content` field is re-wrapped in <think> tags, so the service splits it like ours.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _RemoteJob:
 
 
 class RemoteBackend:
+    prefills = False  # the assistant-prefix (think mode) cannot be sent; its own template decides
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, retries: int = 2, backoff_s: float = 0.5, max_concurrent: int = 16,
                  name: str | None = None):
@@ -75,10 +77,13 @@ class RemoteBackend:
         try:
             for attempt in range(self.retries + 1):
                 last = attempt == self.retries
+                sent = [False]
                 try:
-                    outcome = self._stream(job, url, body, chat, emit)
+                    outcome = self._stream(job, url, body, chat, emit, sent)
                 except httpx.TransportError as e:
                     outcome = f"the remote model at {self.base_url} is unreachable ({type(e).__name__})"
+                    if sent[0]:  # part of the answer is out: retrying would repeat it
+                        outcome = f"!the stream from the remote model at {self.base_url} was cut ({type(e).__name__})"
                 if outcome is None:
                     return
                 if isinstance(outcome, str) and (last or outcome.startswith("!")):
@@ -89,7 +94,8 @@ class RemoteBackend:
             with self._lock:
                 self._active -= 1
 
-    def _stream(self, job: _RemoteJob, url: str, body: dict, chat: bool, emit: Callable[[Event], None]) -> str | None:
+    def _stream(self, job: _RemoteJob, url: str, body: dict, chat: bool, emit: Callable[[Event], None],
+                sent: list[bool]) -> str | None:
         """None when done (or cancelled); an error message to retry; one starting with '!' not to retry."""
         with self._http.stream("POST", url, json=body) as r:
             if r.status_code != 200:
@@ -100,10 +106,12 @@ class RemoteBackend:
                     detail = r.text[:200]
                 msg = f"the remote model answered HTTP {r.status_code}: {detail}"
                 return msg if r.status_code in RETRYABLE else "!" + msg
-            finish, usage, pieces, thinking = "stop", None, 0, False
+            finish, usage, pieces, thinking, thought, done = "stop", None, 0, False, 0, False
             for line in r.iter_lines():
                 if job.cancelled:
                     return None  # leaving the block closes the connection, which stops the remote generating
+                if line.strip() == "data: [DONE]":
+                    done = True
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
@@ -116,17 +124,23 @@ class RemoteBackend:
                     if reasoning:
                         out += ("" if thinking else "<think>") + reasoning
                         thinking = True
+                        thought += 1
                     if text:
                         out += ("</think>" if thinking else "") + text
                         thinking = False
                     if out:
                         pieces += 1
+                        sent[0] = True
                         emit(Delta(out, 1))
                     finish = "length" if c.get("finish_reason") == "length" else finish
+            if not done:
+                msg = f"the stream from the remote model at {self.base_url} was cut before its end"
+                return "!" + msg if sent[0] else msg
             if thinking:
                 emit(Delta("</think>", 0))
             usage = usage or {}
-            emit(Finished(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", pieces))))
+            emit(Finished(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", pieces)),
+                          thinking_tokens=thought))
             return None
 
     def load(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 
@@ -74,9 +74,45 @@ class SamplingRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class ChatTemplateKwargs(BaseModel):
+    """vLLM / SGLang's extra chat-template variables; only `enable_thinking` is acted on."""
+    model_config = ConfigDict(extra="allow")
+
+    enable_thinking: StrictBool | None = None
+
+
+class ThinkingConfig(BaseModel):
+    """Anthropic's `thinking` switch; "auto" (ours) lets the routing policy decide, under the budget if given."""
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["enabled", "disabled", "auto"]
+    budget_tokens: StrictInt | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _no_budget_when_disabled(self) -> "ThinkingConfig":
+        if self.type == "disabled" and self.budget_tokens is not None:
+            raise ValueError("budget_tokens is given but type is 'disabled'; drop one of them")
+        return self
+
+
+THINK_LEVELS = ("low", "medium", "high")
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
+    # Thinking switches in every dialect clients use; serve/thinking.py normalises them.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    think: bool | str | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    thinking: ThinkingConfig | None = None
+
+    @field_validator("think", mode="before")
+    @classmethod
+    def _think_level(cls, v: Any) -> Any:
+        if v is None or isinstance(v, bool) or v in THINK_LEVELS:
+            return v
+        raise ValueError(f"expected true, false, or one of {', '.join(map(repr, THINK_LEVELS))}; got {v!r}")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -122,6 +158,31 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class RouteLatency(BaseModel):
+    policy: float = 0.0  # ms spent in decide_think + confidence + bookkeeping
+    small: float | None = None  # ms of the small model's generation, None when it did not run
+    large: float | None = None
+
+
+class RouteExplanation(BaseModel):
+    """Why this answer came out as it did: the `edgedistill` object on every chat response."""
+    think_requested: Literal["on", "off", "auto"]
+    think_source: str  # the request field(s) or tag that decided, or "default"
+    think_mode: Literal["on", "off"]
+    think_budget: int | None = None
+    think_reason: str = ""
+    p_hard: float | None = None
+    thinking_tokens: int = 0
+    budget_hit: bool = False
+    confidence: float | None = None
+    threshold: float | None = None
+    escalated: bool = False
+    reason: str = ""
+    answered_by: str = ""
+    models: list[str] = []
+    latency_ms: RouteLatency = RouteLatency()
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -129,6 +190,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    edgedistill: RouteExplanation | None = None
 
 
 class CompletionChoice(BaseModel):

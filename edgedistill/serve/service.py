@@ -1,8 +1,9 @@
 """What the server agrees to do with a request, and how backend events become OpenAI objects.
 
 `ChatService` checks the model id and the max_tokens cap, starts a generation on the backend,
-and turns its events into a completion object or a stream of server-sent events. It also keeps
-the token / latency metrics, since only it sees the first token.
+and turns its events into a completion object or a stream of server-sent events. Chat requests go
+through the routing policy (think or not, escalate or not: route.py). It also keeps the token /
+latency metrics, since only it sees the first token.
 """
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import json
 import random
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from ..errors import ServeError
 from .backend import Backend, ContextLengthExceeded, Prompt, QueueFull
 from .events import Delta, Event, Failed, Finished, SamplingParams
 from .metrics import Metrics
-from .schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
-                      CompletionChoice, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList,
-                      SamplingRequest, Usage)
+from .route import ChatRun, Router, plan_chat
+from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest,
+                      ErrorBody, ErrorResponse, ModelCard, ModelList, SamplingRequest, Usage)
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults, so clients that omit them get what they expect
 DEFAULT_TOP_P = 1.0
@@ -38,59 +39,21 @@ class ApiError(Exception):
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
 
 
-class ThinkSplitter:
-    """Separates <think>…</think> text from the answer as it streams (tags may arrive split across deltas)."""
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self.inside = False
-        self.buf = ""
-        self.strip_leading = False  # the blank line models put after </think> is not part of the answer
-
-    def feed(self, text: str) -> tuple[str, str]:
-        """-> (reasoning, content) that is now certain."""
-        self.buf += text
-        out = {True: "", False: ""}
-        while True:
-            tag = self.CLOSE if self.inside else self.OPEN
-            i = self.buf.find(tag)
-            if i < 0:
-                break
-            self._put(out, self.buf[:i])
-            self.buf = self.buf[i + len(tag):]
-            self.inside = not self.inside
-            self.strip_leading = not self.inside
-        hold = next((k for k in range(min(len(tag) - 1, len(self.buf)), 0, -1) if self.buf.endswith(tag[:k])), 0)
-        self._put(out, self.buf[:len(self.buf) - hold])
-        self.buf = self.buf[len(self.buf) - hold:]
-        return out[True], out[False]
-
-    def flush(self) -> tuple[str, str]:
-        out = {True: "", False: ""}
-        self._put(out, self.buf)
-        self.buf = ""
-        return out[True], out[False]
-
-    def _put(self, out: dict[bool, str], text: str) -> None:
-        if not self.inside and self.strip_leading:
-            text = text.lstrip()
-            self.strip_leading = not text
-        out[self.inside] += text
-
-
 class Generation:
-    """One backend generation seen from the event loop: an async iterator of events; closing it cancels."""
+    """One backend generation seen from the event loop: an async iterator of events; closing it cancels.
+    Past `timeout_s` it ends with a Failed event (504) and the backend is told to stop."""
 
-    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams):
+    def __init__(self, backend: Backend, prompt: Prompt, params: SamplingParams, *, timeout_s: float | None = None):
         self.model = backend.name
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.timeout_s = timeout_s
+        self.queue: asyncio.Queue[tuple[float, Event]] = asyncio.Queue()  # (when the backend sent it, event)
         loop = asyncio.get_running_loop()
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
 
         def emit(ev: Event) -> None:
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (time.perf_counter(), ev))
             except RuntimeError:  # the loop is gone (server shutting down): stop generating
                 handle.cancel()
 
@@ -108,17 +71,30 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         """Deltas that queued up while the consumer was busy are merged, so a slow client costs one write
-        per wake-up rather than one per token."""
+        per wake-up rather than one per token. Events the backend sent after the deadline count as late
+        even when the loop reads them before its timer fires."""
+        deadline = None if self.timeout_s is None else self.started + self.timeout_s
+        late = Failed(f"{self.model} gave no complete answer within {self.timeout_s or 0:g} s", 504)
         try:
             while True:
-                ev = await self.queue.get()
+                left = None if deadline is None else deadline - time.perf_counter()
+                try:
+                    if left is not None and left <= 0:
+                        raise asyncio.TimeoutError
+                    at, ev = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    yield late
+                    return
                 while isinstance(ev, Delta) and not self.queue.empty():
-                    nxt = self.queue.get_nowait()
+                    at, nxt = self.queue.get_nowait()
                     if not isinstance(nxt, Delta):
                         yield self._seen(ev)
                         ev = nxt
                         break
                     ev = Delta(ev.text + nxt.text, ev.tokens + nxt.tokens)
+                if deadline is not None and at > deadline:
+                    yield late
+                    return
                 yield self._seen(ev)
                 if not isinstance(ev, Delta):
                     return
@@ -138,16 +114,20 @@ def _sse(obj: dict) -> str:
 class ChatService:
     """Serves `backend` (the default model) and optionally `fallback` (a larger model, listed second)."""
 
-    def __init__(self, backend: Backend, *, max_tokens_cap: int, split_reasoning: bool = True,
-                 fallback: Backend | None = None):
+    def __init__(self, backend: Backend, *, max_tokens_cap: int, fallback: Backend | None = None,
+                 policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0):
+        from ..routing.policy import RoutingPolicy
+
         if max_tokens_cap < 1:
             raise ServeError(f"max_tokens_cap must be at least 1, got {max_tokens_cap}.")
         if fallback is not None and fallback.name == backend.name:
             raise ServeError(f"the fallback model is also called '{backend.name}'; give it another name.")
-        self.backend = backend
+        self.backend, self.fallback = backend, fallback
         self.backends = {b.name: b for b in (backend, fallback) if b is not None}
         self.max_tokens_cap = max_tokens_cap
-        self.split_reasoning = split_reasoning
+        self.policy = policy if policy is not None else RoutingPolicy.default()
+        self.small_timeout_s, self.large_timeout_s = small_timeout_s, large_timeout_s
+        self.router = Router(self)
         self.created = int(time.time())
         self.metrics = Metrics(queue_depth=lambda: backend.load().get("queue_depth", 0))
 
@@ -163,10 +143,14 @@ class ChatService:
         return ModelCard(id=model_id, created=self.created)
 
     # ------------------------------------------------------------ starting
-    def start_chat(self, req: ChatCompletionRequest) -> Generation:
-        backend = self._backend_for(req.model)
-        params = self._params(req, default_max=self.max_tokens_cap)
-        return Generation(backend, Prompt(messages=tuple(m.as_template_message() for m in req.messages)), params)
+    def start_chat(self, req: ChatCompletionRequest) -> ChatRun:
+        return plan_chat(self, req)
+
+    async def chat_completion(self, run: ChatRun) -> ChatCompletion:
+        return await self.router.answer(run)
+
+    def stream_chat(self, run: ChatRun, *, include_usage: bool) -> AsyncIterator[str]:
+        return self.router.stream(run, include_usage=include_usage)
 
     def start_completion(self, req: CompletionRequest) -> Generation:
         backend = self._backend_for(req.model)
@@ -208,71 +192,30 @@ class ChatService:
                 return "".join(parts), ev
         raise ApiError(500, "the generation ended without a result", type="server_error")
 
-    async def chat_completion(self, gen: Generation) -> ChatCompletion:
-        text, fin = await self.collect(gen, "/v1/chat/completions")
-        reasoning, content = self._split(text)
-        return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=gen.model,
-            choices=[ChatChoice(message=AssistantMessage(content=content, reasoning=reasoning,
-                                                         reasoning_content=reasoning),
-                                finish_reason=fin.finish_reason)],
-            usage=_usage(fin))
-
     async def completion(self, gen: Generation) -> Completion:
         text, fin = await self.collect(gen, "/v1/completions")
         return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=gen.model,
                           choices=[CompletionChoice(text=text, finish_reason=fin.finish_reason)], usage=_usage(fin))
 
-    def _split(self, text: str) -> tuple[str | None, str]:
-        if not self.split_reasoning:
-            return None, text
-        s = ThinkSplitter()
-        r1, c1 = s.feed(text)
-        r2, c2 = s.flush()
-        return (r1 + r2) or None, c1 + c2
+    async def stream(self, gen: Generation, *, include_usage: bool) -> AsyncIterator[str]:
+        """A text completion as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": gen.model}
 
-    async def stream(self, gen: Generation, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        route = "/v1/chat/completions" if chat else "/v1/completions"
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": gen.model}
-        splitter = ThinkSplitter() if chat and self.split_reasoning else None
-
-        def chunk(delta: dict | None = None, text: str | None = None, finish: str | None = None) -> str:
-            choice = ({"index": 0, "delta": delta or {}, "finish_reason": finish} if chat
-                      else {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish})
-            return _sse({**head, "choices": [choice]})
-
-        def text_chunk(text: str, split: Callable[[str], tuple[str, str]] | None) -> str | None:
-            if not chat:
-                return chunk(text=text) if text else None
-            reasoning, content = split(text) if split else ("", text)
-            delta = {}
-            if reasoning:
-                delta.update(reasoning=reasoning, reasoning_content=reasoning)
-            if content:
-                delta["content"] = content
-            return chunk(delta) if delta else None
+        def chunk(text: str = "", finish: str | None = None) -> str:
+            return _sse({**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
 
         self.metrics.active_streams += 1
         try:
-            if chat:
-                yield chunk({"role": "assistant", "content": ""})
             async for ev in gen.events():
                 if isinstance(ev, Delta):
-                    out = text_chunk(ev.text, splitter.feed if splitter else None)
-                    if out:
-                        yield out
+                    if ev.text:
+                        yield chunk(ev.text)
                 elif isinstance(ev, Failed):
                     yield _sse(ErrorResponse(error=ErrorBody(message=ev.message, type="server_error")).model_dump())
                     break
                 else:
-                    if splitter:
-                        out = text_chunk("", lambda _: splitter.flush())
-                        if out:
-                            yield out
-                    self._account(gen, ev, route)
+                    self._account(gen, ev, "/v1/completions")
                     yield chunk(finish=ev.finish_reason)
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": _usage(ev).model_dump()})

@@ -35,6 +35,7 @@ class _Request:
 
 class TransformersBackend:
     """`TransformersBackend(model_dir)`: batched KV-cache generation with transformers on the CPU (or `device`)."""
+    prefills = True  # Prompt.prefix is written after the chat template's generation prompt
 
     def __init__(self, model_dir: str | Path, *, slots: int = 8, n_ctx: int = 2048, n_threads: int | None = None,
                  max_queue: int = 64, name: str | None = None, device: str = "cpu"):
@@ -75,7 +76,8 @@ class TransformersBackend:
         if prompt.messages is not None:
             ids = self._tok.apply_chat_template([dict(m) for m in prompt.messages], add_generation_prompt=True,
                                                 tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return ids + (self._tok(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else [])
         return list(self._tok(prompt.text or "", add_special_tokens=True)["input_ids"])
 
     def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> _Request:
@@ -177,8 +179,16 @@ class _Sequence:
         self.req, self.params = req, req.params
         self.stream = TextStream(lambda toks: tok.decode(toks, skip_special_tokens=True), req.params.stop, req.emit)
         self.generator = torch.Generator(device=device).manual_seed(req.params.seed)
+        self.logprobs: list[float] = []
 
     def sample(self, logits: Any) -> int:
+        tok = self._sample(logits)
+        if self.params.logprobs:  # of the model's distribution, as the llama.cpp engine reports
+            import torch
+            self.logprobs.append(float(torch.log_softmax(logits, dim=-1)[tok]))
+        return tok
+
+    def _sample(self, logits: Any) -> int:
         import torch
 
         p = self.params
@@ -196,16 +206,19 @@ class _Sequence:
         req, stream = self.req, self.stream
         if req.cancelled.is_set():
             return False
-        prompt = len(req.ids)
         if tok in eos:
             stream.flush()
-            req.emit(Finished("stop", prompt, len(stream.tokens)))
+            self.finish("stop")
             return False
         if stream.push(tok):
-            req.emit(Finished("stop", prompt, len(stream.tokens)))
+            self.finish("stop")
             return False
-        if len(stream.tokens) >= min(self.params.max_tokens, n_ctx - prompt):
+        if len(stream.tokens) >= min(self.params.max_tokens, n_ctx - len(req.ids)):
             stream.flush()
-            req.emit(Finished("length", prompt, len(stream.tokens)))
+            self.finish("length")
             return False
         return True
+
+    def finish(self, reason: str) -> None:
+        extra = {"token_logprobs": tuple(self.logprobs)} if self.logprobs else {}
+        self.req.emit(Finished(reason, len(self.req.ids), len(self.stream.tokens), **extra))

@@ -1,0 +1,1 @@
+"""Adaptive thinking and SLM-first / LLM-fallback routing: one calibrated policy (`policy.RoutingPolicy`)."""

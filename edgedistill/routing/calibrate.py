@@ -1,0 +1,143 @@
+"""Fit a RoutingPolicy from the student's (and teacher's) outcomes on the calibration split.
+
+Inputs are plain per-item arrays, so this runs the same on a build's measurements and
+on synthetic data in tests:
+
+- difficulty classifier: prompt features → label "the student is wrong without thinking"
+  (ThinkSwitcher-style: trained on the student's own outcomes);
+- think threshold: the p_hard cut with the fewest generated tokens whose accuracy stays
+  within `max_acc_loss` of always-think;
+- confidence: logistic regression from log-prob statistics to correctness, then PAV
+  isotonic regression of correctness on that raw score;
+- escalation threshold: for the user's target (one of target_accuracy_ratio,
+  max_escalation_rate, token_budget).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import RoutingError
+from .features import prompt_features
+from .fit import fit_isotonic, fit_logistic
+from .policy import ConfidenceSpec, RoutingPolicy, Target, ThinkSpec
+
+TARGET_KINDS = ("target_accuracy_ratio", "max_escalation_rate", "token_budget")
+
+
+@dataclass
+class CalibrationItem:
+    """One calibration problem: the student in both modes, the teacher once."""
+    prompt: str
+    nothink_correct: bool
+    nothink_tokens: int
+    nothink_logprobs: Sequence[float]
+    think_correct: bool
+    think_tokens: int
+    think_logprobs: Sequence[float]
+    teacher_correct: bool
+    teacher_tokens: int
+
+
+def _candidates(scores: np.ndarray) -> np.ndarray:
+    """Cut points that separate every pair of distinct scores, plus both ends."""
+    u = np.unique(scores)
+    mids = (u[1:] + u[:-1]) / 2 if len(u) > 1 else np.array([])
+    return np.concatenate([[u[0] - 1e-9], mids, [u[-1] + 1e-9]]) if len(u) else np.array([0.0])
+
+
+def choose_think_threshold(p_hard, think_correct, nothink_correct, think_tokens, nothink_tokens,
+                           max_acc_loss: float) -> tuple[float, dict]:
+    """The cut on p_hard with the fewest mean tokens whose accuracy is ≥ always-think's − max_acc_loss."""
+    p = np.asarray(p_hard, float)
+    tc, nc = np.asarray(think_correct, float), np.asarray(nothink_correct, float)
+    tt, nt = np.asarray(think_tokens, float), np.asarray(nothink_tokens, float)
+    floor = tc.mean() - max_acc_loss
+    best = None
+    for cut in np.concatenate([_candidates(p), [1.0]]):
+        think = p >= cut
+        acc = float(np.where(think, tc, nc).mean())
+        tokens = float(np.where(think, tt, nt).mean())
+        key = (acc < floor - 1e-12, tokens if acc >= floor - 1e-12 else -acc, -acc)
+        if best is None or key < best[0]:
+            best = (key, float(min(max(cut, 0.0), 1.0)), {"acc": acc, "tokens": tokens, "think_rate": float(think.mean())})
+    _, cut, info = best
+    info.update(always_think_acc=float(tc.mean()), always_think_tokens=float(tt.mean()))
+    return cut, info
+
+
+def choose_escalation_threshold(confidence, student_correct, teacher_correct, student_tokens, teacher_tokens,
+                                target: Target) -> tuple[float, dict]:
+    """Escalate when confidence < threshold; pick the threshold that meets `target` with the fewest escalations
+    (max_escalation_rate: the most escalations within the cap)."""
+    c = np.asarray(confidence, float)
+    sc, tc = np.asarray(student_correct, float), np.asarray(teacher_correct, float)
+    st, tt = np.asarray(student_tokens, float), np.asarray(teacher_tokens, float)
+    rows = []
+    for cut in np.concatenate([_candidates(c), [1.01]]):
+        esc = c < cut
+        rows.append((float(min(max(cut, 0.0), 1.01)), float(esc.mean()), float(np.where(esc, tc, sc).mean()),
+                     float((st + esc * tt).mean())))
+    rows.sort(key=lambda r: (r[1], r[0]))  # by escalation rate
+    teacher_acc = float(tc.mean())
+    if target.kind == "max_escalation_rate":
+        ok = [r for r in rows if r[1] <= target.value + 1e-12]
+        chosen = ok[-1] if ok else rows[0]
+    elif target.kind == "target_accuracy_ratio":
+        ok = [r for r in rows if r[2] >= target.value * teacher_acc - 1e-12]
+        chosen = ok[0] if ok else max(rows, key=lambda r: (r[2], -r[1]))
+    else:
+        ok = [r for r in rows if r[3] <= target.value + 1e-9]
+        chosen = ok[-1] if ok else rows[0]
+    cut, rate, acc, tokens = chosen
+    return cut, {"escalation_rate": rate, "routed_acc": acc, "mean_tokens": tokens, "teacher_acc": teacher_acc,
+                 "target_met": bool(ok), "curve": [{"threshold": round(r[0], 6), "escalation_rate": round(r[1], 4),
+                                                    "routed_acc": round(r[2], 4), "mean_tokens": round(r[3], 2)}
+                                                   for r in rows[:: max(1, len(rows) // 40)]]}
+
+
+def calibrate_policy(items: list[CalibrationItem], target: Target | None, *, max_acc_loss: float = 0.01,
+                     think_budget: int | None = None, low_quantile: float = 0.1) -> RoutingPolicy:
+    if len(items) < 4:
+        raise RoutingError(f"calibration needs at least 4 problems, got {len(items)}; raise routing.calib_size.")
+    x = np.stack([prompt_features(it.prompt) for it in items])
+    nothink_wrong = np.array([not it.nothink_correct for it in items], float)
+    clf = fit_logistic(x, nothink_wrong)
+    think = ThinkSpec(mean=clf.mean.tolist(), scale=clf.scale.tolist(), weights=clf.weights.tolist(), bias=clf.bias,
+                      threshold=0.5, budget=think_budget)
+    p_hard = clf.predict(x)
+    think_cut, think_info = choose_think_threshold(
+        p_hard, [it.think_correct for it in items], [it.nothink_correct for it in items],
+        [it.think_tokens for it in items], [it.nothink_tokens for it in items], max_acc_loss)
+    think.threshold = think_cut
+    policy = RoutingPolicy(calibrated=True, think=think, confidence_map=ConfidenceSpec(low_quantile=low_quantile))
+
+    # The student's answers under the adaptive decision are what the confidence sees when serving.
+    chose = p_hard >= think_cut
+    logprobs = [it.think_logprobs if t else it.nothink_logprobs for it, t in zip(items, chose)]
+    correct = np.array([it.think_correct if t else it.nothink_correct for it, t in zip(items, chose)], float)
+    tokens = np.array([it.think_tokens if t else it.nothink_tokens for it, t in zip(items, chose)], float)
+    stats = np.stack([policy.logprob_stats(lp) if len(lp) else np.array([-100.0] * 3) for lp in logprobs])
+    conf_clf = fit_logistic(stats, correct)
+    # Fold the standardisation into the weights so serving needs no feature scaling.
+    w = conf_clf.weights / conf_clf.scale
+    b = conf_clf.bias - float(conf_clf.mean @ w)
+    raw = conf_clf.predict(stats)
+    iso = fit_isotonic(raw, correct)
+    policy.confidence_map = ConfidenceSpec(low_quantile=low_quantile, weights=w.tolist(), bias=b,
+                                           iso_x=iso.xs.tolist(), iso_y=np.clip(iso.ys, 0, 1).tolist())
+    conf = np.array([policy.confidence(lp) for lp in logprobs])
+    info = {"n": len(items), "think": think_info, "student_acc_adaptive": float(correct.mean()),
+            "isotonic_blocks": len(iso.xs)}
+    if target is not None:
+        cut, esc = choose_escalation_threshold(conf, correct, [it.teacher_correct for it in items], tokens,
+                                               [it.teacher_tokens for it in items], target)
+        policy.escalation_threshold = cut
+        policy.target = target
+        info["escalation"] = esc
+    else:
+        policy.escalation_threshold = 0.0  # no target: never escalate
+    policy.calibration = info
+    return policy
