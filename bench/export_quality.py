@@ -126,9 +126,13 @@ def main() -> None:
     if shipped:
         targets["teacher_q4_1_llamacpp_quantizer_on_our_f32_vs_shipped_ppl"] = round(lcpp["ppl"] / shipped["ppl"] - 1, 5)
         targets["teacher_q4_1_our_writer_vs_shipped_ppl"] = round(ours["ppl"] / shipped["ppl"] - 1, 5)
-    f16, torch_ppl = row("teacher", "gguf f16 (ours)"), row("teacher", "torch fp32")
-    if f16:
-        targets["teacher_gguf_f16_vs_torch_fp32_ppl"] = round(f16["ppl"] / torch_ppl["ppl"] - 1, 5)
+    for model in a.models.split(","):
+        f16, torch_ppl = row(model, "gguf f16 (ours)"), row(model, "torch fp32")
+        if f16:
+            targets[f"{model}_gguf_f16_vs_torch_fp32_ppl"] = round(f16["ppl"] / torch_ppl["ppl"] - 1, 5)
+        q8, q8_lcpp = row(model, "gguf q8_0 (ours)"), row(model, "gguf q8_0 (llama.cpp quantizer)")
+        if q8 and q8_lcpp:
+            targets[f"{model}_gguf_q8_0_ours_vs_llamacpp_quantizer_ppl"] = round(q8["ppl"] / q8_lcpp["ppl"] - 1, 5)
     print(json.dumps({"bench": "export_quality", "student": sname, "windows": a.windows, "seq_len": a.seq_len,
                       "decode": f"{a.tokens} tokens greedy, 1 thread", "cpu": platform.processor() or platform.machine(),
                       "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -2,15 +2,17 @@
 
     python bench/host_predictor.py MODEL_DIR [--types f16,q8_0,q4_0] [--rounds 3]
 
-Writes GGUFs of MODEL_DIR (a HF folder) into a temporary folder, loads the `host` profile (bandwidth and
-GEMM FLOP/s measured now), and for each type decodes 64 tokens on the profile's thread count. Each round
-re-measures the host right before the decode, since the machine is shared. Prints one line per
-measurement and, last, one JSON object with medians, ratios and the matvec efficiency each run implies.
+Writes GGUFs of MODEL_DIR (a HF folder) into a temporary folder, loads the `host` profile (bandwidth,
+GEMM FLOP/s and llama.cpp's per-type decode rates on a synthetic model, measured now), and for each type
+decodes 64 tokens on the profile's thread count. Each round re-measures the host right before its
+decodes, since the machine is shared. Prints one line per measurement and, last, one JSON object with
+medians, ratios, the load average, and the matvec efficiency each run implies for the formula without rates.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -35,10 +37,13 @@ def main() -> None:
         for t in a.types.split(","):
             paths[t] = Path(tmp) / f"model-{t}.gguf"
             write_gguf(a.model_dir, paths[t], t)
+        load = [os.getloadavg()[0]]
         for r in range(a.rounds):
+            measure_host.cache_clear()
+            prof = load_profile("host")
+            print(f"round {r}: decode rates (G weights/s) {prof.decode_rates}, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
             for t, p in paths.items():
-                measure_host.cache_clear()
-                prof = load_profile("host")
                 fit = fit_candidate(gguf_candidate(p, p.name), shape, prof, context=256)
                 with LlamaCppModel(p, n_ctx=256, n_threads=prof.threads) as m:
                     tps = m.decode_tokens_per_s(a.tokens)
@@ -53,7 +58,8 @@ def main() -> None:
                 print(f"round {r} {t:>5}: bandwidth {prof.memory_bandwidth_gbs:5.2f} GB/s, GEMM "
                       f"{prof.compute_gflops:6.1f} GFLOP/s, predicted {fit.decode_tps:6.1f} tok/s, "
                       f"measured {tps:6.1f} tok/s", flush=True)
-    out = {"model_dir": a.model_dir, "threads": prof.threads,
+            load.append(os.getloadavg()[0])
+    out = {"model_dir": a.model_dir, "threads": prof.threads, "loadavg_1min": [round(x, 2) for x in load],
            "matvec_efficiency_used": RUNTIMES["llama.cpp"].matvec_efficiency, "types": {}}
     for t, row in rows.items():
         pred, meas = statistics.median(row["predicted"]), statistics.median(row["measured"])

@@ -179,8 +179,11 @@ def stage_export(ctx: BuildContext) -> Artifact:
                                graph=exp.onnx_graph)
             metrics["onnx"] = {k: v for k, v in info.items() if k not in ("files", "inputs", "outputs")}
             metrics["onnx"]["graph"] = exp.onnx_graph
+            # compress/'s codes become the int8 (q8_0) / int4 (q4_0, q4_1) weights they cover, bit for bit
+            onnx_codes = load_codes(codes_file) if exp.onnx_quant and codes_file.is_file() else None
             for kind in exp.onnx_quant:
-                metrics[f"onnx_{kind}"] = quantize_onnx(tmp / "student.onnx", tmp / f"student-{kind}.onnx", kind)
+                metrics[f"onnx_{kind}"] = quantize_onnx(tmp / "student.onnx", tmp / f"student-{kind}.onnx", kind,
+                                                        codes=onnx_codes)
     return Artifact([dest], metrics)
 
 

@@ -47,9 +47,17 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
           host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
           port: int = typer.Option(8000, min=1, max=65535),
           api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_API_KEY", help="require this Bearer key"),
-          slots: int = typer.Option(8, min=1, help="requests generated together (continuous batching)"),
-          ctx: int = typer.Option(2048, min=16, help="context tokens per request (prompt + completion)"),
-          threads: Optional[int] = typer.Option(None, min=1, help="llama.cpp threads (default: llama.cpp's choice)"),
+          backend: Optional[str] = typer.Option(None, help="llamacpp (GGUF, the default) | onnx | transformers; "
+                                                "with --device, default: the runtime of the file chosen for it"),
+          device: Optional[str] = typer.Option(None, help="device profile (`edgedistill devices list`): serve the "
+                                               "file the build chose for it, sized to its threads, context, memory"),
+          workers: int = typer.Option(1, min=1, help="model instances; requests go to the least busy one"),
+          slots: Optional[int] = typer.Option(None, min=1, help="requests generated together per worker "
+                                              "(default 8, or what --device's memory budget holds, at most 8)"),
+          ctx: Optional[int] = typer.Option(None, min=16, help="context tokens per request (prompt + completion; "
+                                            "default 2048, or --device's context)"),
+          threads: Optional[int] = typer.Option(None, min=1, help="threads in all, shared by the workers (default: "
+                                                "the runtime's choice, or --device's)"),
           max_queue: int = typer.Option(64, min=0, help="requests that may wait for a slot; beyond that, 429"),
           max_tokens: int = typer.Option(1024, min=1, help="largest max_tokens a request may ask for"),
           ui: bool = typer.Option(True, "--ui/--no-ui", help="mount the Gradio chat page at /ui"),
@@ -67,13 +75,14 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
           log_prompts: bool = typer.Option(False, "--log-prompts", help="put request bodies (prompts) in the "
                                            "access log; off by default, keys are never logged"),
           log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
-    """Serve the build's GGUF with an OpenAI-compatible API."""
+    """Serve the build (its GGUF by default) with an OpenAI-compatible API."""
     from .serve.app import run_server
     try:
         run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
                    n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
                    llm_api_key=llm_api_key, small_timeout_s=small_timeout, large_timeout_s=llm_timeout,
-                   log_level=log_level, cors_origins=cors_origin, log_prompts=log_prompts)
+                   log_level=log_level, cors_origins=cors_origin, log_prompts=log_prompts,
+                   backend_kind=backend, device=device, workers=workers)
     except EdgeDistillError as e:
         _fail(e)
 
@@ -213,11 +222,13 @@ def distill_cmd(
 def export_cmd(model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json + safetensors)"),
                to: str = typer.Option(..., "--to", help="gguf[:TYPE] (f32 f16 q8_0 q4_0 q4_1 q4_k_m q5_k_m q6_k; "
                                                         "default f16) or onnx[:int8|int4] (default fp32)"),
-               out: Path = typer.Option(..., "--out", help="output file (.gguf / .onnx)")) -> None:
+               out: Path = typer.Option(..., "--out", help="output file (.gguf / .onnx)"),
+               codes: Optional[Path] = typer.Option(None, "--codes", help="quant_codes.safetensors from `edgedistill "
+                                                    "compress`: the weights it covers are written from their codes")) -> None:
     """Export a model folder to GGUF or ONNX (with KV cache), checked as it is written."""
     from .export.cli import export_model
     try:
-        info = export_model(model_dir, to, out)
+        info = export_model(model_dir, to, out, codes_file=codes)
     except EdgeDistillError as e:
         _fail(e)
         return

@@ -25,12 +25,13 @@ def test_host_is_measured(monkeypatch):
     from edgedistill.devices import profiles
     monkeypatch.setattr(profiles, "measure_bandwidth", lambda: 12.5)
     monkeypatch.setattr(profiles, "measure_compute", lambda threads: 99.0)
+    monkeypatch.setattr(profiles, "measure_decode_rates", lambda threads: {"q8_0": 2.5})
     profiles.measure_host.cache_clear()
     try:
         p = load_profile("host")
     finally:
         profiles.measure_host.cache_clear()
-    assert p.memory_bandwidth_gbs == 12.5 and p.compute_gflops == 99.0
+    assert p.memory_bandwidth_gbs == 12.5 and p.compute_gflops == 99.0 and p.decode_rates == {"q8_0": 2.5}
     assert 0 < p.budget_gb < p.ram_gb
     assert load_profile("host", measure=False).memory_bandwidth_gbs == 0
 
@@ -81,6 +82,26 @@ def test_fit_arithmetic_by_hand():
     # A longer context only costs KV cache.
     g = fit_candidate(c, SHAPE, PROFILE, context=4096)
     assert g.kv_cache_mb == pytest.approx(4 * f.kv_cache_mb) and g.total_mb > f.total_mb
+
+
+def test_a_measured_decode_rate_replaces_bandwidth_and_gemm_for_its_type():
+    measured = PROFILE.model_copy(update={"decode_rates": {"q4_0": 3.0}})
+    q4 = Candidate("m-q4_0.gguf", "llama.cpp", "q4_0", 150_000_000, 140_000_000)
+    kv_tok = 2 * 10 * 2 * 64 * 2
+    f = fit_candidate(q4, SHAPE, measured)
+    assert f.decode_tps == pytest.approx(3.0e9 / SHAPE.matmul_params())
+    attention = 4 * 10 * 8 * 64 * 1024
+    matvec = 100e9 * RUNTIMES["llama.cpp"].matvec_efficiency
+    assert f.decode_tps_full_context == pytest.approx(
+        1 / (SHAPE.matmul_params() / 3.0e9 + kv_tok * 1024 / 20e9 + attention / matvec))
+    q8 = Candidate("m-q8_0.gguf", "llama.cpp", "q8_0", 250_000_000, 250_000_000)  # no rate: the formula
+    assert fit_candidate(q8, SHAPE, measured).decode_tps == fit_candidate(q8, SHAPE, PROFILE).decode_tps
+
+
+def test_host_decode_rates_come_from_llamacpp_on_a_synthetic_model():
+    from edgedistill.devices.kernels import measure_decode_rates
+    rates = measure_decode_rates(1, types=("q8_0",), tokens=4)
+    assert set(rates) == {"q8_0"} and 0.05 < rates["q8_0"] < 500
 
 
 def test_budget_and_support_decide_fit():

@@ -11,6 +11,10 @@ the predictor adds the two times (a roofline would take the larger):
 Prefill is compute bound: tokens/s = prefill efficiency × GEMM FLOP/s / FLOPs per token.
 The efficiencies are runtime facts, held in `RUNTIMES` and calibrated on
 SmolLM2-135M-Instruct (not on the students they are then checked against).
+Where the profile has a measured llama.cpp decode rate for the file's type (`decode_rates`: the
+`host` benchmark decodes a synthetic model in each type), the weights term is matmul weights / that
+rate instead: one fp32 GEMM figure cannot say how f16 conversion, Q8_0 and Q4_0 unpacking compare
+on a given CPU, and on the shared 2-core host that mismatch put Q4_0 off by up to 49%.
 """
 from __future__ import annotations
 
@@ -172,7 +176,12 @@ def fit_candidate(c: Candidate, shape: ModelShape, profile: DeviceProfile, conte
     bw = profile.memory_bandwidth_gbs * 1e9
     matvec = profile.compute_gflops * 1e9 * rt.matvec_efficiency
 
+    rate = profile.decode_rates.get(c.format) if c.runtime == "llama.cpp" else None
+
     def decode(position: int) -> float:
+        if rate:  # the runtime's measured speed for this weight type, plus the KV cache read so far
+            attention = shape.flops_per_token(position) - shape.flops_per_token(0)
+            return 1.0 / (shape.matmul_params() / (rate * 1e9) + kv_tok * position / bw + attention / matvec)
         return 1.0 / ((c.weight_read_bytes + kv_tok * position) / bw + shape.flops_per_token(position) / matvec)
 
     prefill = profile.compute_gflops * 1e9 * rt.prefill_efficiency / shape.flops_per_token(min(ctx, 512) // 2)

@@ -33,6 +33,10 @@ class DeviceProfile(BaseModel):
     default_context: int = Field(2048, ge=16)
     min_decode_tps: float = Field(5.0, ge=0, description="decode speed below which a file is too slow here")
     runtimes: dict[Runtime, list[str]] = Field(description="runtime -> weight formats it runs on this device")
+    decode_rates: dict[str, float] = Field(default_factory=dict, description=(
+        "llama.cpp single-sequence decode speed per GGUF type, billions of matmul weights per second (streaming "
+        "and kernel arithmetic together; measured for host by devices/kernels.py). A type without a rate is "
+        "predicted from memory_bandwidth_gbs and compute_gflops"))
 
 
 def _profile_files() -> dict[str, str]:
@@ -105,11 +109,17 @@ def measure_compute(threads: int, n: int = 512, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def measure_decode_rates(threads: int) -> dict[str, float]:
+    from .kernels import measure_decode_rates as measure
+    return measure(threads)
+
+
 @functools.lru_cache(maxsize=4)
-def measure_host(threads: int) -> dict[str, float]:
+def measure_host(threads: int) -> dict[str, object]:
     mem = _meminfo()
     ram = mem.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     avail = mem.get("MemAvailable", ram)
     return {"ram_gb": round(ram / 1e9, 2), "budget_gb": round(0.8 * avail / 1e9, 2),
             "memory_bandwidth_gbs": round(measure_bandwidth(), 2),
-            "compute_gflops": round(measure_compute(threads), 1)}
+            "compute_gflops": round(measure_compute(threads), 1),
+            "decode_rates": measure_decode_rates(threads)}

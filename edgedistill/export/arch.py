@@ -8,8 +8,10 @@ The mechanism that reads these tables lives in `gguf.py`.
 
 Adding a model family is adding a row: Mistral is the Llama row under another
 class name (without a sliding window); Qwen2 is the `qwen2` arch with q/k/v
-biases and no permutation (llama.cpp applies NeoX-style RoPE to it). Phi-3
-(fused `qkv_proj` / `gate_up_proj`) is not supported yet.
+biases and no permutation (llama.cpp applies NeoX-style RoPE to it). Phi-3 keeps
+its fused `qkv_proj` and `gate_up_proj` as llama.cpp's `attn_qkv` / `ffn_up` (its
+graph splits them: q, k, v rows in HF's order; gate first, then up), with NeoX RoPE
+(no permutation) over `partial_rotary_factor` of each head.
 """
 from __future__ import annotations
 
@@ -101,6 +103,48 @@ def _no_sliding_window(c: dict[str, Any]) -> bool:
     return not c.get("use_sliding_window", w is not None) or w is None or w >= c["max_position_embeddings"]
 
 
+# Phi-3: llama.cpp's `phi3` arch takes the fused tensors as they are and derives the head size from
+# embedding_length / head_count, so it writes no key/value length; rope.dimension_count is the rotated part.
+_PHI3_TENSORS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
+    "model.layers.{bid}.self_attn.qkv_proj": "blk.{bid}.attn_qkv",
+    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm",
+    "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",
+    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
+}
+
+_PHI3_METADATA = (
+    MetaKey("{arch}.vocab_size", "vocab_size", "u32"),
+    MetaKey("{arch}.context_length", "max_position_embeddings", "u32"),
+    MetaKey("{arch}.rope.scaling.original_context_length", "original_max_position_embeddings", "u32"),
+    MetaKey("{arch}.embedding_length", "hidden_size", "u32"),
+    MetaKey("{arch}.block_count", "num_hidden_layers", "u32"),
+    MetaKey("{arch}.feed_forward_length", "intermediate_size", "u32"),
+    MetaKey("{arch}.attention.head_count", "num_attention_heads", "u32"),
+    MetaKey("{arch}.attention.head_count_kv", "num_key_value_heads", "u32"),
+    MetaKey("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "f32"),
+    MetaKey("{arch}.rope.freq_base", "rope_theta", "f32"),
+    MetaKey("{arch}.rope.dimension_count", "rope_dimension_count", "u32"),
+    # 0 = no window. llama.cpp 0.3.36 reads but does not apply a phi3 window (measured: full attention), so a
+    # window shorter than the context is refused below rather than silently computed differently.
+    MetaKey("{arch}.attention.sliding_window", "sliding_window_or_zero", "u32"),
+)
+
+_PHI3_DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
+    **_LLAMA_DERIVED,
+    "original_max_position_embeddings": lambda c: c["max_position_embeddings"],
+    "partial_rotary_factor": lambda c: _rope(c).get("partial_rotary_factor", 1.0),
+    "rope_dimension_count": lambda c: int(c["partial_rotary_factor"] * c["hidden_size"]) // c["num_attention_heads"],
+    "no_sliding_window": _no_sliding_window,
+    "sliding_window_or_zero": lambda c: 0,
+    "head_dim_is_hidden_over_heads": lambda c: c["head_dim"] == c["hidden_size"] // c["num_attention_heads"],
+}
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(
         gguf_arch="llama",
@@ -128,6 +172,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         metadata=_LLAMA_METADATA,
         derived={**_LLAMA_DERIVED, "no_sliding_window": _no_sliding_window},
         requires={"hidden_act": ("silu",), "rope_type": ("default",), "no_sliding_window": (True,)},
+    ),
+    # Phi-3 (mini 4k style). LongRoPE configs (128k: rope_type longrope with long/short factors) are refused.
+    "Phi3ForCausalLM": ArchSpec(
+        gguf_arch="phi3",
+        tensors=_PHI3_TENSORS,
+        permute={},
+        metadata=_PHI3_METADATA,
+        derived=_PHI3_DERIVED,
+        requires={"hidden_act": ("silu",), "rope_type": ("default",), "head_dim_is_hidden_over_heads": (True,),
+                  "no_sliding_window": (True,)},
     ),
 }
 
@@ -190,6 +244,19 @@ def map_tensor(spec: ArchSpec, cfg: dict[str, Any], hf_name: str) -> TensorTarge
         f"tensor '{hf_name}' has no GGUF name for the {spec.gguf_arch} architecture; "
         f"known HF names: {sorted(spec.tensors)}. The checkpoint has layers llama.cpp would ignore: "
         f"export a plain model or extend the table in arch.py.")
+
+
+# llama.cpp (0.3.36) changes special-token attributes for models whose general.name contains one of these, and
+# fails to load ("unordered_map::at") when the vocabulary lacks the tokens it then looks up. general.name is only
+# a label, and our tokenizer metadata is complete without such overrides, so the label is written without them.
+LLAMACPP_NAME_TRIGGERS = ("phi-3", "phi3")
+
+
+def gguf_model_name(name: str) -> str:
+    """`name` as general.name, with substrings that switch on llama.cpp's per-name tokenizer workarounds broken up."""
+    for trigger in LLAMACPP_NAME_TRIGGERS:
+        name = re.sub(re.escape(trigger), trigger[:-1].rstrip("-") + "_3", name, flags=re.IGNORECASE)
+    return name
 
 
 # ---------------------------------------------------------------- byte-level BPE pre-tokenizers

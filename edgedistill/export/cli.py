@@ -23,14 +23,23 @@ def parse_target(spec: str) -> tuple[str, str]:
     return fmt, kind
 
 
-def export_model(model_dir: str | Path, spec: str, out: str | Path) -> dict[str, Any]:
+def export_model(model_dir: str | Path, spec: str, out: str | Path, codes_file: str | Path | None = None) -> dict[str, Any]:
+    """`codes_file`: compress/'s quant_codes.safetensors for this model; the weights it covers are written from
+    their codes (GGUF of the codes' type; ONNX int8 from q8_0, int4 from q4_0 / q4_1)."""
     fmt, kind = parse_target(spec)
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json).")
+    codes = None
+    if codes_file is not None:
+        from ..compress.rtn import load_codes
+        if not Path(codes_file).is_file():
+            raise ExportError(f"--codes {codes_file} does not exist; pass the quant_codes.safetensors that "
+                              "`edgedistill compress` wrote next to this model.")
+        codes = load_codes(Path(codes_file))
     if fmt == "gguf":
         from .gguf import write_gguf
-        info = write_gguf(model_dir, out, kind)
+        info = write_gguf(model_dir, out, kind, codes=codes)
         return {**info, "what": f"GGUF {kind}"}
     from .onnx import export_onnx
     if kind == "fp32":
@@ -40,5 +49,5 @@ def export_model(model_dir: str | Path, spec: str, out: str | Path) -> dict[str,
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         export_onnx(model_dir, Path(tmp) / "model.onnx", graph="kv_cache", external_data=False)
-        info = quantize_onnx(Path(tmp) / "model.onnx", out, kind)
+        info = quantize_onnx(Path(tmp) / "model.onnx", out, kind, codes=codes)
     return {**info, "what": f"ONNX {kind} with KV cache"}

@@ -303,7 +303,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f16",
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(model_dir.name)
+        writer.add_name(arch.gguf_model_name(model_dir.name))
         writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[dtype])))
         adders = {"u32": writer.add_uint32, "f32": writer.add_float32}
         for m in spec.metadata:

@@ -254,12 +254,13 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 
 # ---------------------------------------------------------------- assembly
 def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int = 1024,
-               backend: Backend | None = None, slots: int = 8, ctx_per_slot: int = 2048,
+               backend: Backend | None = None, slots: int | None = None, ctx_per_slot: int | None = None,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
                ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
                policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0,
                stall_timeout_s: float | None = 600.0, cors_origins: list[str] | None = None,
-               log_prompts: bool = False) -> FastAPI:
+               log_prompts: bool = False, backend_kind: str | None = None, device: str | None = None,
+               workers: int = 1) -> FastAPI:
     """The app serving `target` (a build folder or a .gguf file); pass `backend` to serve something else.
 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
@@ -268,7 +269,10 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     `llm_api_key`) or another build folder / GGUF: chat requests for the default model are then routed,
     escalating to it when the small model is unsure or fails (route.py). The routing `policy` is the
     build's router.json when there is one, else `RoutingPolicy.default()`; each model gets
-    `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure.
+    `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure. `backend_kind`
+    (llamacpp | onnx | transformers), `device` (a profile: its file, threads, context and slots) and
+    `workers` (instances) go to `serve.select.plan_serving`; with `device`, `slots` / `ctx_per_slot` /
+    `n_threads` of None take the profile's values.
     A generation that sends nothing for `stall_timeout_s` ends in a 504 error. CORS is off unless `cors_origins`
     names the origins (no wildcard) that browsers may call from; request bodies (prompts) reach the access log
     only with `log_prompts`."""
@@ -276,10 +280,11 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     target = Path(target)
     policy = policy if policy is not None else _routing_policy(target)  # a bad router.json fails before loading
     if backend is None:
-        gguf = pick_gguf(target)
-        name = target.resolve().name if target.is_dir() else gguf.stem
-        backend = LlamaCppBackend(gguf, slots=slots, ctx_per_slot=ctx_per_slot, n_threads=n_threads,
-                                  max_queue=max_queue, name=name)
+        from .select import open_backend, plan_serving
+        plan = plan_serving(target, backend=backend_kind, device=device, slots=slots, ctx=ctx_per_slot,
+                            threads=n_threads, workers=workers)
+        log.info("serving %s", plan.describe())
+        backend = open_backend(plan, max_queue=max_queue)
     fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads, timeout=large_timeout_s) if llm else None
     service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback,
                           policy=policy, stall_timeout_s=stall_timeout_s,

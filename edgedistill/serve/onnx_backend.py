@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import ServeError
 from .backend import Prompt
+from .detok import TextStream
 from .engine import ContextLengthExceeded, QueueFull
 from .events import Delta, Event, Failed, Finished, SamplingParams
 
@@ -23,17 +24,6 @@ class _Cancel:
 
     def cancel(self) -> None:
         self.event.set()
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop sequence."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                best = max(best, n)
-                break
-    return best
 
 
 class OnnxBackend:
@@ -97,32 +87,20 @@ class OnnxBackend:
             eos = [t for t in {self._tok.eos_token_id} if t is not None]
             budget = min(params.max_tokens, self.n_ctx - len(ids))
             sampling = Sampling(temperature=params.temperature, top_p=params.top_p, seed=params.seed)
-            out: list[int] = []
-            sent, finish = 0, "length"
+            stream = TextStream(lambda toks: self._tok.decode(toks, skip_special_tokens=True), params.stop, emit)
+            finish, by_stop_string = "length", False
             for tok in self._model.generate(ids, budget, sampling, stop_ids=eos):
                 if handle.event.is_set():
                     return
                 if tok in eos:
                     finish = "stop"
                     break
-                out.append(tok)
-                text = self._tok.decode(out, skip_special_tokens=True)
-                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    emit(Delta(text[sent:], 1))
-                    sent = len(text)
+                if stream.push(tok):
+                    finish, by_stop_string = "stop", True
                     break
-                ready = len(text) - _held_back(text, params.stop)
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-                    ready = min(ready, len(text) - 1)
-                emit(Delta(text[sent:ready] if ready > sent else "", 1))
-                sent = max(sent, ready)
-            else:
-                text = self._tok.decode(out, skip_special_tokens=True)
-                if len(text) > sent:
-                    emit(Delta(text[sent:], 0))
-            emit(Finished(finish, len(ids), len(out)))
+            if not by_stop_string:  # the text held back in case it began a stop string is the answer's end
+                stream.flush()
+            emit(Finished(finish, len(ids), len(stream.tokens)))
         except Exception as e:  # the client gets a clean error, never a hang
             emit(Failed(f"onnxruntime generation failed: {e}"))
         finally:
