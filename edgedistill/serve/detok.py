@@ -7,7 +7,25 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .backend import Prompt
+from .engine import ContextLengthExceeded
 from .events import Delta, Event
+
+
+def render_ids(tok, prompt: Prompt, n_ctx: int) -> list[int]:
+    """A prompt's token ids through a transformers tokenizer (chat template + any assistant prefix), refused
+    with a 400-class error when it does not leave room in the `n_ctx`-token context."""
+    if prompt.messages is not None:
+        ids = tok.apply_chat_template([dict(m) for m in prompt.messages], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids += tok(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else []
+    else:
+        ids = list(tok(prompt.text or "", add_special_tokens=True)["input_ids"])
+    if len(ids) >= n_ctx:
+        raise ContextLengthExceeded(f"the prompt has {len(ids)} tokens; the context window is {n_ctx}. "
+                                    "Shorten the messages.")
+    return ids
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

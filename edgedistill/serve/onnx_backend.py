@@ -13,8 +13,8 @@ from typing import Callable
 
 from ..errors import ServeError
 from .backend import Prompt
-from .detok import TextStream
-from .engine import ContextLengthExceeded, QueueFull
+from .detok import TextStream, render_ids
+from .engine import QueueFull
 from .events import Delta, Event, Failed, Finished, SamplingParams
 
 
@@ -57,18 +57,10 @@ class OnnxBackend:
         self._active = 0
 
     def render(self, prompt: Prompt) -> list[int]:
-        if prompt.messages is not None:
-            ids = self._tok.apply_chat_template([dict(m) for m in prompt.messages], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-            return ids + (self._tok(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else [])
-        return list(self._tok(prompt.text or "", add_special_tokens=True)["input_ids"])
+        return render_ids(self._tok, prompt, self.n_ctx)
 
     def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> _Cancel:
         ids = self.render(prompt)
-        if len(ids) >= self.n_ctx:
-            raise ContextLengthExceeded(f"the prompt has {len(ids)} tokens; the context window is {self.n_ctx}. "
-                                        "Shorten the messages.")
         with self._lock:
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are waiting; retry shortly.")

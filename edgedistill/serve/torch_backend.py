@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from ..errors import ServeError
 from .backend import Prompt
-from .detok import TextStream
-from .engine import ContextLengthExceeded, QueueFull
+from .detok import TextStream, render_ids
+from .engine import QueueFull
 from .events import Event, Failed, Finished, SamplingParams
 
 
@@ -73,18 +73,10 @@ class TransformersBackend:
 
     # ------------------------------------------------------------ the Backend protocol
     def render(self, prompt: Prompt) -> list[int]:
-        if prompt.messages is not None:
-            ids = self._tok.apply_chat_template([dict(m) for m in prompt.messages], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-            return ids + (self._tok(prompt.prefix, add_special_tokens=False)["input_ids"] if prompt.prefix else [])
-        return list(self._tok(prompt.text or "", add_special_tokens=True)["input_ids"])
+        return render_ids(self._tok, prompt, self.n_ctx)
 
     def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> _Request:
         ids = self.render(prompt)
-        if len(ids) >= self.n_ctx:
-            raise ContextLengthExceeded(f"the prompt has {len(ids)} tokens; the context window is {self.n_ctx}. "
-                                        "Shorten the messages.")
         if not ids:
             ids = [self._pad]
         if self._waiting.qsize() >= self.max_queue:
