@@ -193,7 +193,9 @@ def test_routing_recipe_section_is_validated(routing, words):
 def test_routing_recipe_defaults_and_quick():
     from edgedistill.recipe import Recipe
     r = Recipe()
-    assert r.routing.enabled and r.routing.target() == ("max_escalation_rate", 0.25)
+    # off by default (the default build's time budget); the default target when switched on
+    assert not r.routing.enabled and r.routing.target() == ("max_escalation_rate", 0.25)
+    assert Recipe.model_validate({"routing": {"enabled": True}}).routing.enabled
     q = r.quick()
     assert q.routing.teacher_steps <= r.routing.teacher_steps and q.routing.test_size <= r.routing.test_size
     assert Recipe.model_validate({"routing": {"token_budget": 30}}).routing.target() == ("token_budget", 30.0)
