@@ -74,3 +74,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_untied_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-untied"), tiny_tokenizer, tied=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_f16_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model as an f16 GGUF named tiny-f16.gguf (served under the model id "tiny-f16"); read-only."""
+    from edgedistill.export.gguf import write_gguf
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f16.gguf"
+    write_gguf(tiny_model_dir, out, dtype="f16")
+    return out

@@ -17,11 +17,8 @@ HI = '"messages":[{"role":"user","content":"hi"}]'
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, tiny_model_dir):
-    from edgedistill.export.gguf import write_gguf
-    gguf = tmp_path_factory.mktemp("fuzz") / "tiny-f16.gguf"
-    write_gguf(tiny_model_dir, gguf, dtype="f16")
-    with serving(create_app(gguf, max_tokens_cap=8, slots=4, ctx_per_slot=256, n_threads=1)) as url:
+def url(tiny_f16_gguf):
+    with serving(create_app(tiny_f16_gguf, max_tokens_cap=8, slots=4, ctx_per_slot=256, n_threads=1)) as url:
         yield url
 
 

@@ -23,11 +23,8 @@ PROMPT = "my private prompt 4815162342"
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory, tiny_model_dir):
-    from edgedistill.export.gguf import write_gguf
-    out = tmp_path_factory.mktemp("sec") / "tiny-f16.gguf"
-    write_gguf(tiny_model_dir, out, dtype="f16")
-    return out
+def gguf(tiny_f16_gguf):
+    return tiny_f16_gguf
 
 
 def exercise(url: str, key: str | None) -> None:

@@ -8,11 +8,8 @@ import httpx
 from reliability_kit import cli_server, soak
 
 
-def test_short_soak_8_clients(tmp_path_factory, tiny_model_dir):
-    from edgedistill.export.gguf import write_gguf
-    gguf = tmp_path_factory.mktemp("soak") / "tiny-f16.gguf"
-    write_gguf(tiny_model_dir, gguf, dtype="f16")
-    with cli_server(gguf, "--no-ui", "--threads", "1", "--slots", "8", "--ctx", "256", "--log-level", "warning") as s:
+def test_short_soak_8_clients(tiny_f16_gguf):
+    with cli_server(tiny_f16_gguf, "--no-ui", "--threads", "1", "--slots", "8", "--ctx", "256", "--log-level", "warning") as s:
         report = soak(s.url, server_pid=s.pid, clients=8, seconds=20, warmup_s=4, max_tokens=16)
         assert httpx.get(f"{s.url}/health").json() == {"status": "ok"}
         metrics = httpx.get(f"{s.url}/metrics").text
