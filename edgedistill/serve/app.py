@@ -97,6 +97,7 @@ async def _unless_disconnected(request: Request, answer: Awaitable[Any], poll_s:
         await asyncio.wait({task}, timeout=poll_s)
         if not task.done() and await request.is_disconnected():
             task.cancel()
+            await asyncio.wait({task})  # the generation's cleanup (its slot given back) has run before we answer
             raise ApiError(499, "the client closed the connection", code="client_closed_request")
     return task.result()
 
