@@ -226,10 +226,11 @@ def _compress_layerwise(model, windows, compress_group, device, forward_dtype, b
                 del g.hessian
             timings["sweep_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            if runner is not block:
-                del runner
-                runner = copy.deepcopy(block).to(forward_dtype)
-            inputs.hidden = _run_block(runner, inputs, keep_outputs=True)
+            if i + 1 < len(blocks):  # the last block's outputs feed no Hessian
+                if runner is not block:
+                    del runner
+                    runner = copy.deepcopy(block).to(forward_dtype)
+                inputs.hidden = _run_block(runner, inputs, keep_outputs=True)
             timings["forward_s"] += time.perf_counter() - t
             del runner
             block.to(home)
