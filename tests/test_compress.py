@@ -291,10 +291,29 @@ def test_batched_and_looped_pruning_solves_agree():
     W, H = correlated_problem(rows=64, cols=192)
     U, _ = inverse_cholesky(H, 0.01, "x")
     for pruning in (Pruning(sparsity=0.5), Pruning(n=2, m=4)):
-        a = sweep(W, U, pruning=pruning, batched_solve=True)
-        b = sweep(W, U, pruning=pruning, batched_solve=False)
+        a = sweep(W, U, pruning=pruning, batched_solve=True, nm_tables=False)
+        b = sweep(W, U, pruning=pruning, batched_solve=False, nm_tables=False)
         assert torch.equal(a.mask, b.mask)
         assert torch.allclose(a.weight, b.weight, atol=1e-4 * W.abs().max().item())
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 2), (1, 4)])
+def test_nm_closed_form_group_solves_equal_the_column_loop(n, m):
+    """The N:M fast path (per-group solve tables, the code a GPU replays from a CUDA graph) picks the same masks
+    as the sequential sub-block loop and leaves the same weights, across several outer blocks (cols > 128,
+    and a partial last block)."""
+    from edgedistill.compress.obs import _nm_sweep, inverse_cholesky, sweep
+    W, H = correlated_problem(rows=48, cols=328 - 328 % m)
+    U, _ = inverse_cholesky(H, 0.01, "x")
+    fast = sweep(W, U, pruning=Pruning(n=n, m=m))
+    loop = sweep(W, U, pruning=Pruning(n=n, m=m), nm_tables=False, batched_solve=False)
+    assert torch.equal(fast.mask, loop.mask)
+    assert torch.allclose(fast.weight, loop.weight, atol=1e-4 * W.abs().max().item())
+    groups = fast.mask.reshape(48, -1, m).sum(-1)
+    assert bool((groups == n).all()) and bool((fast.weight[fast.mask] == 0).all())
+    # the fast path run directly on the transposed weight, as the GPU does, gives the same mask
+    Wt = W.T.float().contiguous()
+    assert torch.equal(_nm_sweep(Wt, U, n, m, 128).T, fast.mask)
 
 
 # ---------------------------------------------------------------- OWL per-block sparsity
