@@ -311,9 +311,17 @@ def test_nm_closed_form_group_solves_equal_the_column_loop(n, m):
     assert torch.allclose(fast.weight, loop.weight, atol=1e-4 * W.abs().max().item())
     groups = fast.mask.reshape(48, -1, m).sum(-1)
     assert bool((groups == n).all()) and bool((fast.weight[fast.mask] == 0).all())
-    # the fast path run directly on the transposed weight, as the GPU does, gives the same mask
+    # through the graph wrapper's static buffers (ops replayed eagerly: no GPU here), the same mask and weights
+    from edgedistill.compress.obs import _GraphedNMBlock
     Wt = W.T.float().contiguous()
-    assert torch.equal(_nm_sweep(Wt, U, n, m, 128).T, fast.mask)
+    Wt[:, :] -= Wt.mean()  # any change of values must flow through the buffers, not be baked into them
+    direct, via = Wt.clone(), Wt.clone()
+    wrapper = _GraphedNMBlock(replay="eager")
+    mask_direct = _nm_sweep(direct, U, n, m, 128)
+    mask_via = _nm_sweep(via, U, n, m, 128, wrapper)
+    assert len(wrapper._runners) == 2  # one per block shape: 128 columns, and the partial last block
+    assert torch.equal(mask_direct, mask_via)
+    assert torch.allclose(direct, via, atol=1e-5 * W.abs().max().item())  # contiguous U copy: other BLAS rounding
 
 
 # ---------------------------------------------------------------- OWL per-block sparsity

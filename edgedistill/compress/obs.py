@@ -289,40 +289,44 @@ class _GraphedNMBlock:
     """`_nm_block` replayed from a CUDA graph per block shape: an N:M sweep is thousands of tiny kernels
     (2:4 on a 2560-column linear: 640 groups × a dozen ops), so on a GPU launch overhead, not arithmetic,
     sets its speed. Inputs are copied into static buffers, the graph is replayed, outputs copied out.
-    Any failure to capture falls back to running the ops directly (logged once)."""
+    Any failure to capture falls back to running the ops directly (logged once).
 
-    def __init__(self):
-        self._graphs: dict = {}
+    `replay="eager"` runs the same static-buffer plumbing with the ops executed at replay instead of a graph:
+    it is how the CPU tests check the copies in and out on machines without a GPU."""
+
+    def __init__(self, replay: str = "graph"):
+        self._runners: dict = {}
         self.disabled = False
+        self.replay = replay
 
     def __call__(self, W1, U1, tab: _NMTables, g0: int, E1, mask1) -> None:
-        if self.disabled or W1.device.type != "cuda":
+        use = self.replay == "eager" or (W1.device.type == "cuda" and not self.disabled)
+        if not use:
             return _nm_block(W1, U1, tab, g0, E1, mask1)
         b, rows = W1.shape
         key = (b, rows, tab.n, tab.m, W1.dtype, W1.device)
-        entry = self._graphs.get(key)
+        entry = self._runners.get(key)
         if entry is None:
             try:
-                entry = self._capture(b, rows, tab)
+                entry = self._prepare(b, rows, tab)
             except Exception as exc:  # capture unsupported here: eager is correct, only slower
                 log.warning("N:M sweep: CUDA graph capture failed (%s); running the sweep eagerly", exc)
                 self.disabled = True
                 return _nm_block(W1, U1, tab, g0, E1, mask1)
-            self._graphs[key] = entry
-        graph, st = entry
+            self._runners[key] = entry
+        replay, st = entry
         G = b // tab.m
         st["W"].copy_(W1)
         st["U"].copy_(U1)
         st["tab"].a.copy_(tab.a[g0:g0 + G])
         st["tab"].strict_t.copy_(tab.strict_t[g0:g0 + G])
         st["tab"].inv_d2.copy_(tab.inv_d2[g0:g0 + G])
-        graph.replay()
+        replay()
         W1.copy_(st["W"])
         E1.copy_(st["E"])
         mask1.copy_(st["mask"])
 
-    @staticmethod
-    def _capture(b: int, rows: int, tab: _NMTables):
+    def _prepare(self, b: int, rows: int, tab: _NMTables):
         dev, dt, G = tab.a.device, tab.a.dtype, b // tab.m
         static = _NMTables.__new__(_NMTables)
         static.n, static.m, static.pow2 = tab.n, tab.m, tab.pow2.clone()
@@ -332,16 +336,22 @@ class _GraphedNMBlock:
         st = {"W": torch.zeros(b, rows, dtype=dt, device=dev), "U": torch.eye(b, dtype=dt, device=dev),
               "E": torch.zeros(b, rows, dtype=dt, device=dev),
               "mask": torch.zeros(b, rows, dtype=torch.bool, device=dev), "tab": static}
+
+        def run() -> None:
+            _nm_block(st["W"], st["U"], static, 0, st["E"], st["mask"])
+
+        if self.replay == "eager":
+            return run, st
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (allocations, library handles)
             for _ in range(2):
-                _nm_block(st["W"], st["U"], static, 0, st["E"], st["mask"])
+                run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            _nm_block(st["W"], st["U"], static, 0, st["E"], st["mask"])
-        return graph, st
+            run()
+        return graph.replay, st
 
 
 def _nm_sweep(Wt: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize: int,
