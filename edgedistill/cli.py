@@ -65,6 +65,8 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
                                             "base URL (vLLM, llama-server, OpenAI) or a build folder / GGUF"),
           llm_api_key: Optional[str] = typer.Option(None, envvar="EDGEDISTILL_LLM_API_KEY",
                                                     help="Bearer key for --llm's URL"),
+          llm_model: Optional[str] = typer.Option(None, help="the model to ask at --llm's URL (default: the first "
+                                                  "of its /models, which must then answer at start)"),
           small_timeout: float = typer.Option(120.0, min=0.01, help="seconds the student gets to answer a "
                                               "routed request before it counts as failed (then --llm answers)"),
           llm_timeout: float = typer.Option(120.0, min=0.01, help="seconds --llm gets before the student's "
@@ -80,7 +82,7 @@ def serve(out_dir: Path = typer.Argument(..., help="build folder (or a .gguf fil
     try:
         run_server(out_dir, host=host, port=port, api_key=api_key, slots=slots, ctx_per_slot=ctx,
                    n_threads=threads, max_queue=max_queue, max_tokens_cap=max_tokens, ui=ui, llm=llm,
-                   llm_api_key=llm_api_key, small_timeout_s=small_timeout, large_timeout_s=llm_timeout,
+                   llm_api_key=llm_api_key, llm_model=llm_model, small_timeout_s=small_timeout, large_timeout_s=llm_timeout,
                    log_level=log_level, cors_origins=cors_origin, log_prompts=log_prompts,
                    backend_kind=backend, device=device, workers=workers)
     except EdgeDistillError as e:

@@ -135,6 +135,29 @@ def test_llm_down_at_request_time(faulty, gguf):
         small_model_still_answers(oa)
 
 
+def test_llm_down_at_start_needs_its_model_named_then_the_server_starts(faulty, gguf):
+    """Without --llm-model the remote's /models must answer at start (a clear error says what to do); with it,
+    the server starts while the remote is down, routed requests keep the small model's answer, and once the
+    remote is back (same URL) it answers requests for it."""
+    from edgedistill.routing.policy import RoutingPolicy
+    server, url = faulty
+    down = f"http://127.0.0.1:{closed_port()}/v1"
+    with pytest.raises(ServeError, match="--llm-model"):
+        create_app(gguf, llm=down, max_tokens_cap=16, slots=2, ctx_per_slot=256, n_threads=1)
+    with pytest.raises(ServeError, match="Drop --llm-model"):
+        create_app(gguf, llm=str(gguf), llm_model="big", max_tokens_cap=16, slots=2, ctx_per_slot=256, n_threads=1)
+    always = RoutingPolicy(calibrated=True, escalation_threshold=1.01)  # every routed request escalates
+    app = create_app(gguf, llm=down, llm_model="big-llm", policy=always, large_timeout_s=TIMEOUT, max_tokens_cap=16,
+                     slots=2, ctx_per_slot=256, n_threads=1)
+    with serving(app) as ours:
+        oa = openai.OpenAI(base_url=f"{ours}/v1", api_key="x", max_retries=0, timeout=60)
+        routed = oa.chat.completions.create(model=oa.models.list().data[0].id, messages=HI)
+        assert routed.choices[0].message.content  # the small model's answer, kept when the large one fails
+        server.mode = "ok"
+        app.state.service.backends["big-llm"].base_url = f"{url}/v1"  # the remote comes (back) up
+        assert oa.chat.completions.create(model="big-llm", messages=HI).choices[0].message.content == "pong"
+
+
 @pytest.mark.parametrize("mode", FAULTS)
 def test_escalation_to_a_faulty_llm_keeps_the_small_models_answer(faulty, gguf, mode):
     """Routed requests (the default model asked for) that the policy always escalates: whatever the large model

@@ -258,7 +258,7 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
                backend: Backend | None = None, slots: int | None = None, ctx_per_slot: int | None = None,
                n_threads: int | None = None, max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES,
                ui: bool = False, llm: str | None = None, llm_api_key: str | None = None,
-               policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0,
+               llm_model: str | None = None, policy: Any = None, small_timeout_s: float = 120.0, large_timeout_s: float = 120.0,
                stall_timeout_s: float | None = 600.0, cors_origins: list[str] | None = None,
                log_prompts: bool = False, backend_kind: str | None = None, device: str | None = None,
                workers: int = 1) -> FastAPI:
@@ -267,7 +267,8 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
     `slots` requests generate at once (continuous batching), each with up to `ctx_per_slot` tokens of
     context; `max_queue` more wait, and beyond that requests get a 429 with Retry-After. `ui` mounts the
     Gradio chat page at /ui. `llm` adds a second, larger model: an OpenAI-compatible base URL (with
-    `llm_api_key`) or another build folder / GGUF: chat requests for the default model are then routed,
+    `llm_api_key`; `llm_model` names its model, else the first of its /models, read at start) or another
+    build folder / GGUF: chat requests for the default model are then routed,
     escalating to it when the small model is unsure or fails (route.py). The routing `policy` is the
     build's router.json when there is one, else `RoutingPolicy.default()`; each model gets
     `small_timeout_s` / `large_timeout_s` to answer before that counts as a failure. `backend_kind`
@@ -286,7 +287,8 @@ def create_app(target: Path, *, api_key: str | None = None, max_tokens_cap: int 
                             threads=n_threads, workers=workers)
         log.info("serving %s", plan.describe())
         backend = open_backend(plan, max_queue=max_queue)
-    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads, timeout=large_timeout_s) if llm else None
+    fallback = _fallback_backend(llm, llm_api_key, n_threads=n_threads, timeout=large_timeout_s,
+                                 model=llm_model) if llm else None
     service = ChatService(backend, max_tokens_cap=max_tokens_cap, fallback=fallback,
                           policy=policy, stall_timeout_s=stall_timeout_s,
                           small_timeout_s=small_timeout_s, large_timeout_s=large_timeout_s)
@@ -338,10 +340,14 @@ def _routing_policy(target: Path) -> Any:
     return RoutingPolicy.default()
 
 
-def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None, timeout: float = 120.0) -> Backend:
+def _fallback_backend(llm: str, api_key: str | None, *, n_threads: int | None, timeout: float = 120.0,
+                      model: str | None = None) -> Backend:
     if llm.startswith(("http://", "https://")):
         from .remote import RemoteBackend
-        return RemoteBackend(llm, api_key=api_key, timeout=timeout)
+        return RemoteBackend(llm, model=model, api_key=api_key, timeout=timeout)
+    if model is not None:
+        raise ServeError(f"--llm-model names a model at a remote URL; --llm {llm!r} is a local build or GGUF "
+                         "(its name comes from the file). Drop --llm-model.")
     gguf = pick_gguf(Path(llm))
     name = Path(llm).resolve().name if Path(llm).is_dir() else f"llm-{gguf.stem}"  # like the default model's
     return LlamaCppBackend(gguf, slots=2, n_threads=n_threads, name=name)

@@ -60,7 +60,8 @@ class RemoteBackend:
             return r.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
             raise ServeError(f"could not list the models at {self.base_url}/models ({e}); check the URL and key, "
-                             "or name the model explicitly.") from None
+                             "or name the model with --llm-model (then the server starts even while that endpoint "
+                             "is down, and routed requests fall back to the small model until it is back).") from None
 
     def start(self, prompt: Prompt, params: SamplingParams, emit: Callable[[Event], None]) -> _RemoteJob:
         with self._lock:
