@@ -109,8 +109,8 @@ class OnnxBackend:
                 stream.flush()
                 return emit(self._finished("stop", ids, stream, think, logprobs))
             if params.logprobs:  # of the model's own (temperature 1) distribution, as the other backends report
-                z = logits.astype(np.float64)
-                logprobs.append(float(z[tok] - z.max() - np.log(np.exp(z - z.max()).sum())))
+                m = logits.max()  # fp32 exponentials, a float64 sum: 0.1 ms over a 49k vocabulary (0.45 ms in fp64)
+                logprobs.append(float(logits[tok] - m) - float(np.log(np.exp(logits - m).sum(dtype=np.float64))))
             stopped = stream.push(tok)
             think.token(stream.text)
             if stopped:  # the text held back in case it began a stop string is not sent
