@@ -18,6 +18,7 @@ from edgedistill.serve.app import create_app
 from edgedistill.serve.backend import Prompt, generate
 from edgedistill.serve.events import Delta, SamplingParams
 from edgedistill.serve.select import open_backend, plan_serving
+from edgedistill.serve.thinking import PREFILL, STOP_THINKING
 from live_server import serving
 
 NAME = "tiny-build"
@@ -223,3 +224,137 @@ def test_transformers_backend_writes_the_prefix_and_reports_logprobs(build):
         assert len(fin.token_logprobs) >= fin.completion_tokens and all(lp <= 0 for lp in fin.token_logprobs)
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- thinking: one contract on every backend
+Q = ({"role": "user", "content": "What is 17 + 25?"},)
+THINKING = SamplingParams(max_tokens=40, temperature=0.0, logprobs=True, think_open=True, think_budget=5)
+
+
+def stop_thinking_tokens(build) -> int:
+    from transformers import AutoTokenizer
+    return len(AutoTokenizer.from_pretrained(str(build / "student"))(STOP_THINKING, add_special_tokens=False)
+               ["input_ids"])
+
+
+def test_every_backend_closes_the_think_block_at_its_budget(build):
+    """The budget is spent after exactly `think_budget` thinking tokens; each backend then writes the stop-thinking
+    sentence and `</think>` into the sequence itself and the model answers from there. Inserted tokens count as
+    completion tokens but get no log-prob. onnxruntime and torch decode the same weights: the same text."""
+    inserted = stop_thinking_tokens(build)
+    prompt = Prompt(messages=Q, prefix=PREFILL["on"])
+    seen = {}
+    for kind in ("llamacpp", "onnx", "transformers"):
+        b = open_backend(plan_serving(build, backend=kind, slots=2, ctx=256, threads=1))
+        try:
+            text, fin = generate(b, prompt, THINKING)
+            seen[kind] = text, fin
+            assert fin.budget_hit and fin.thinking_tokens == THINKING.think_budget, (kind, fin)
+            thought, sep, answer = text.partition(STOP_THINKING)
+            assert sep and "</think>" not in thought and answer, (kind, text)
+            assert all(lp <= 0 for lp in fin.token_logprobs)
+            if kind == "llamacpp":
+                continue
+            assert fin.completion_tokens == len(fin.token_logprobs) + inserted, (kind, fin)
+            # The inserted tokens are really in the sequence: the same text given as the prompt continues alike.
+            again, _ = generate(b, Prompt(messages=Q, prefix=PREFILL["on"] + thought + STOP_THINKING),
+                                SamplingParams(max_tokens=4, temperature=0.0))
+            assert answer.startswith(again), (kind, answer, again)
+            # Without a budget nothing is inserted and every token is a thinking token (the block never closes).
+            free, fin2 = generate(b, prompt, SamplingParams(max_tokens=12, temperature=0.0, think_open=True))
+            assert STOP_THINKING not in free and not fin2.budget_hit
+            assert fin2.thinking_tokens == fin2.completion_tokens and not fin2.token_logprobs
+            # Not inside a block: no thinking tokens.
+            _, fin3 = generate(b, Prompt(messages=Q), SamplingParams(max_tokens=8, temperature=0.0, think_budget=2))
+            assert (fin3.thinking_tokens, fin3.budget_hit) == (0, False)
+        finally:
+            b.close()
+    (t1, f1), (t2, f2) = seen["onnx"], seen["transformers"]
+    assert t1 == t2 and f1.completion_tokens == f2.completion_tokens
+    assert f1.token_logprobs == pytest.approx(f2.token_logprobs, abs=1e-3)
+
+
+def test_transformers_budget_row_leaves_the_rest_of_its_batch_alone(build):
+    """The stop-thinking tokens go into one row of the batch (one per step, instead of sampling); a request batched
+    with it gets the very text it gets alone."""
+    from edgedistill.serve.torch_backend import TransformersBackend
+
+    b = TransformersBackend(build / "student", slots=2, n_ctx=256, n_threads=1)
+    try:
+        plain_params = SamplingParams(max_tokens=30, temperature=0.0)
+        alone = generate(b, Prompt(messages=tuple(USER)), plain_params)[0]
+        thinking_alone = generate(b, Prompt(messages=Q, prefix=PREFILL["on"]), THINKING)
+        done, parts, fins = threading.Event(), {0: [], 1: []}, {}
+
+        def emitter(i):
+            def emit(ev):
+                if isinstance(ev, Delta):
+                    parts[i].append(ev.text)
+                else:
+                    fins[i] = ev
+                    if len(fins) == 2:
+                        done.set()
+            return emit
+        # a long request occupies the worker so that the next two start as one batch of two
+        blocker = threading.Event()
+        b.start(Prompt(text="long"), SamplingParams(max_tokens=40, temperature=0.0),
+                lambda ev: None if isinstance(ev, Delta) else blocker.set())
+        b.start(Prompt(messages=Q, prefix=PREFILL["on"]), THINKING, emitter(0))
+        b.start(Prompt(messages=tuple(USER)), plain_params, emitter(1))
+        assert done.wait(120) and blocker.is_set()
+        text, fin = thinking_alone
+        assert "".join(parts[0]) == text and fins[0].budget_hit and fins[0].thinking_tokens == fin.thinking_tokens
+        assert fins[0].completion_tokens == fin.completion_tokens
+        assert fins[0].token_logprobs == pytest.approx(fin.token_logprobs, abs=1e-3)  # padded batch: float noise
+        assert "".join(parts[1]) == alone and not fins[1].budget_hit
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("kind", ["onnx", "transformers"])
+def test_thinking_budget_and_strict_off_through_the_server(build, kind):
+    from edgedistill.routing.policy import RoutingPolicy
+
+    app = create_app(build, backend_kind=kind, slots=2, ctx_per_slot=256, n_threads=1, max_tokens_cap=64,
+                     policy=RoutingPolicy(calibrated=True))
+    with serving(app) as url:
+        oa = client_for(url)
+        kw = dict(model=NAME, messages=list(Q), max_tokens=40, temperature=0,
+                  extra_body={"thinking": {"type": "enabled", "budget_tokens": 5}})
+        r = oa.chat.completions.create(**kw)
+        ed, msg = r.model_extra["edgedistill"], r.choices[0].message
+        assert (ed["think_mode"], ed["think_budget"], ed["budget_hit"], ed["thinking_tokens"]) == ("on", 5, True, 5)
+        assert msg.model_extra["reasoning"].endswith(STOP_THINKING.split("</think>")[0])
+        assert msg.content and "<think>" not in msg.content and "</think>" not in msg.content
+        assert r.usage.completion_tokens > 5 + stop_thinking_tokens(build) - 1
+        chunks = list(oa.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == msg.content
+        assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == msg.model_extra["reasoning"]
+        last = chunks[-1].model_extra["edgedistill"]
+        assert last["budget_hit"] and last["thinking_tokens"] == 5
+        # An explicit off: no think block is opened, nothing is counted, no think text reaches content.
+        off = oa.chat.completions.create(model=NAME, messages=list(Q), max_tokens=12, temperature=0,
+                                         extra_body={"reasoning_effort": "none"})
+        ed = off.model_extra["edgedistill"]
+        assert (ed["think_mode"], ed["thinking_tokens"], ed["budget_hit"]) == ("off", 0, False)
+        assert off.choices[0].message.model_extra.get("reasoning") is None
+        assert "<think>" not in off.choices[0].message.content and "</think>" not in off.choices[0].message.content
+
+
+@pytest.mark.parametrize("kind", ["onnx", "transformers"])
+def test_routed_requests_get_a_confidence_from_every_backend(build, kind):
+    """With --llm, the small model's token log-probs become the routing confidence; escalation follows it."""
+    from edgedistill.routing.policy import RoutingPolicy
+
+    llm = build / "export" / "student-f16.gguf"
+    for threshold, escalated in ((0.0, False), (1.01, True)):
+        app = create_app(build, backend_kind=kind, llm=str(llm), slots=2, ctx_per_slot=256, n_threads=1,
+                         max_tokens_cap=32, policy=RoutingPolicy(calibrated=True, escalation_threshold=threshold))
+        with serving(app) as url:
+            r = client_for(url).chat.completions.create(model=NAME, messages=list(Q), max_tokens=8, temperature=0)
+        ed = r.model_extra["edgedistill"]
+        # (a random tiny model is unsure of everything: its confidence rounds to 0, but it is measured)
+        assert ed["confidence"] is not None and 0.0 <= ed["confidence"] <= 1.0, ed
+        assert ed["reason"].startswith(f"confidence {ed['confidence']:.2f} " + ("<" if escalated else ">=")), ed
+        assert ed["escalated"] is escalated and ed["models"][0] == NAME and len(ed["models"]) == 1 + escalated, ed

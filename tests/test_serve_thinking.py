@@ -254,3 +254,46 @@ def test_off_prefills_an_empty_think_block_and_on_opens_one(served):
     metrics = httpx.get(f"{served}/metrics").text
     assert 'edgedistill_think_requests_total{mode="off",decided_by="policy"}' in metrics
     assert 'edgedistill_think_requests_total{mode="on",decided_by="request"}' in metrics
+
+
+@pytest.mark.parametrize("pieces, inside, counts, final", [
+    # (token texts, starts inside, thinking tokens after each token, inside at the end)
+    (["<think>", "a", "</think>", "b"], False, [1, 2, 3, 3], False),
+    (["<th", "ink>a", "</", "think>", " b"], False, [0, 1, 2, 3, 3], False),  # tags split across tokens
+    (["a", "b</think>\n", "c"], True, [1, 2, 2], False),  # the prompt opened the block
+    (["x</think>", "<think>y"], False, [0, 1], True),  # a stray closing tag outside the block is not a boundary
+])
+def test_tracker_counts_thinking_tokens_as_the_engine_does(pieces, inside, counts, final):
+    from edgedistill.serve.thinking import ThinkTracker
+
+    t, text, seen = ThinkTracker(inside=inside), "", []
+    for p in pieces:
+        text += p
+        t.token(text)
+        seen.append(t.thinking_tokens)
+    assert seen == counts and t.inside is final and not t.over_budget
+
+
+def test_tracker_budget_and_inserted_text_stream():
+    """Over budget only inside the block; once the backend wrote STOP_THINKING its `</think>` is not read again,
+    and the stream never looks for stop strings in the inserted text."""
+    from edgedistill.serve.detok import TextStream
+    from edgedistill.serve.thinking import ThinkTracker
+
+    t = ThinkTracker(inside=True, budget=2)
+    t.token("a")
+    assert not t.over_budget
+    t.token("ab")
+    assert t.over_budget
+    text = "ab" + STOP_THINKING
+    t.closed_by_backend(len(text))
+    t.token(text + "c")
+    assert (t.inside, t.budget_hit, t.thinking_tokens, t.over_budget) == (False, True, 2, False)
+    vocab = {0: "ab", 1: STOP_THINKING, 2: "ok", 3: " answer"}
+    sent = []
+    s = TextStream(lambda toks: "".join(vocab[i] for i in toks), ("answer",), sent.append)
+    assert not s.push(0)
+    s.insert([1])  # contains "answer": not a stop
+    assert sent[-1] == Delta(STOP_THINKING, 1) and s.text == "ab" + STOP_THINKING
+    assert not s.push(2) and s.push(3)
+    assert "".join(d.text for d in sent) == "ab" + STOP_THINKING + "ok "

@@ -43,7 +43,8 @@ def sample_next(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> in
 
 
 class OnnxModel:
-    """An onnxruntime session over a `logits` or `kv_cache` graph: `.logits(tokens)`, `.generate(...)`."""
+    """An onnxruntime session over a `logits` or `kv_cache` graph: `.logits(tokens)`, `.decode(prompt)` (a
+    sequence extended step by step), `.generate(...)`."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort
@@ -122,25 +123,24 @@ class OnnxModel:
         out, _ = self.step(ids[None] if ids.ndim == 1 else ids)
         return out[0] if ids.ndim == 1 else out
 
+    def decode(self, prompt: Sequence[int]) -> "Decoding":
+        """One sequence to extend step by step: the prompt is run now; `.logits` predict the next token."""
+        ids = self._check_ids(prompt)
+        if ids.ndim != 1:
+            raise ExportError("decode and generate take one prompt (a 1-D token list).")
+        return Decoding(self, ids.tolist())
+
     def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = ()) -> Iterator[int]:
         """Yield up to `max_new_tokens` tokens after `prompt`, stopping after a token in `stop_ids`."""
-        ids = self._check_ids(prompt)
-        if ids.ndim != 1:
-            raise ExportError("generate takes one prompt (a 1-D token list).")
+        d = self.decode(prompt)
         rng = np.random.default_rng(sampling.seed)
-        seq = ids.tolist()
-        logits, cache = self.step(ids[None])
         for _ in range(max_new_tokens):
-            tok = sample_next(logits[0, -1], sampling, rng)
+            tok = sample_next(d.logits, sampling, rng)
             yield tok
             if tok in stop_ids:
                 return
-            seq.append(tok)
-            if self.has_cache:
-                logits, cache = self.step(np.array([[tok]], np.int64), cache)
-            else:
-                logits, _ = self.step(np.array([seq], np.int64))
+            d.feed([tok])
 
     def decode_tokens_per_s(self, n_tokens: int = 64, prompt: Sequence[int] | None = None) -> float:
         """Greedy decode speed after a short prompt (prefill excluded): 1 / the median step time."""
@@ -154,3 +154,22 @@ class OnnxModel:
             steps.append(t1 - t0)
             t0 = t1
         return 1.0 / float(np.median(steps))
+
+
+class Decoding:
+    """A sequence being generated: `logits` [V] for its next token, `feed(tokens)` to append any number of
+    tokens (a sampled one, or several the caller writes itself) in one model call. With a KV-cache graph
+    only the new tokens are computed; with a `logits` graph the whole sequence is run again."""
+
+    def __init__(self, model: OnnxModel, prompt: list[int]):
+        self.model, self.tokens = model, list(prompt)
+        out, self._cache = model.step(np.array([self.tokens], np.int64))
+        self.logits: np.ndarray = out[0, -1]
+
+    def feed(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+        if self.model.has_cache:
+            out, self._cache = self.model.step(np.array([list(tokens)], np.int64), self._cache)
+        else:
+            out, _ = self.model.step(np.array([self.tokens], np.int64))
+        self.logits = out[0, -1]

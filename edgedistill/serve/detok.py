@@ -41,17 +41,21 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 class TextStream:
     """Feed it tokens with `push`; it emits the text that is safe to send. `push` returns True when a stop
-    string ended the text (the stop string itself is not sent); `flush` sends what was held back."""
+    string ended the text (the stop string itself is not sent); `flush` sends what was held back. `insert`
+    adds tokens the backend wrote itself (the stop-thinking sentence): sent at once, never searched for stops.
+    `text` is everything decoded so far, held-back tail included."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...], emit: Callable[[Event], None]):
         self.decode, self.stops, self.emit = decode, stops, emit
         self.tokens: list[int] = []
+        self.text = ""
         self.sent = 0
+        self.scan = 0  # stop strings are looked for from here (after any inserted text)
 
     def push(self, tok: int) -> bool:
         self.tokens.append(tok)
-        text = self.decode(self.tokens)
-        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        text = self.text = self.decode(self.tokens)
+        cut = min((i for i in (text.find(s, self.scan) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.emit(Delta(text[self.sent:cut] if cut > self.sent else "", 1))
             self.sent = cut
@@ -64,7 +68,15 @@ class TextStream:
         return False
 
     def flush(self) -> None:
-        text = self.decode(self.tokens)
+        text = self.text = self.decode(self.tokens)
         if len(text) > self.sent:
             self.emit(Delta(text[self.sent:], 0))
             self.sent = len(text)
+
+    def insert(self, tokens: list[int]) -> None:
+        """Tokens written into the sequence by the backend: their text goes out now with whatever was held back
+        (as the llama.cpp engine sends it), counted as `len(tokens)` completion tokens."""
+        self.tokens.extend(tokens)
+        text = self.text = self.decode(self.tokens)
+        self.emit(Delta(text[self.sent:], len(tokens)))
+        self.sent = self.scan = len(text)

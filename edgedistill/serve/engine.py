@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ServeError
 from .events import Delta, Event, Failed, Finished, SamplingParams
-from .thinking import CLOSE, OPEN, STOP_THINKING
+from .thinking import STOP_THINKING, ThinkTracker
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ class _Sequence:
     text: str = ""
     sent: int = 0  # len(text) already emitted
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    in_think: bool = False
-    think_scan: int = 0  # where in `text` to look for the next <think> / </think>
-    thinking_tokens: int = 0
-    budget_hit: bool = False
+    think: ThinkTracker = field(default_factory=ThinkTracker)
     inserted: list[int] = field(default_factory=list)  # tokens to feed after next_token (the stop-thinking sentence)
     logprobs: list[float] = field(default_factory=list)
 
@@ -214,7 +211,8 @@ class BatchEngine:
             self._cached[seq_id] = []
             self.reused_tokens += reuse
             self._running.append(_Sequence(job, seq_id, self._make_sampler(job.params), fed=reuse, n_past=reuse,
-                                           in_think=job.params.think_open))
+                                           think=ThinkTracker(inside=job.params.think_open,
+                                                              budget=job.params.think_budget)))
 
     def _make_sampler(self, p: SamplingParams) -> ctypes.c_void_p | None:
         """A llama.cpp sampler chain, or None for greedy (argmax over the step's logits in numpy)."""
@@ -290,9 +288,7 @@ class BatchEngine:
         if logprob is not None:
             s.logprobs.append(logprob)
         s.text += s.decoder.decode(self._token_bytes(token))
-        was_thinking = s.in_think
-        self._track_think(s)
-        s.thinking_tokens += was_thinking or s.in_think
+        s.think.token(s.text)
         stop_at = min((i for i in (s.text.find(x, s.sent) for x in p.stop) if i >= 0), default=-1)
         if stop_at >= 0:
             s.text = s.text[:stop_at]
@@ -307,18 +303,8 @@ class BatchEngine:
             return self._finish(s, "length")
         s.next_token = token
         s.generated.append(token)
-        if s.in_think and p.think_budget is not None and s.thinking_tokens >= p.think_budget:
+        if s.think.over_budget:
             self._stop_thinking_now(s)
-
-    def _track_think(self, s: _Sequence) -> None:
-        """Follow <think> / </think> in the text (tags may span several tokens)."""
-        while True:
-            tag = CLOSE if s.in_think else OPEN
-            i = s.text.find(tag, s.think_scan)
-            if i < 0:
-                s.think_scan = max(s.think_scan, len(s.text) - len(tag) + 1)
-                return
-            s.in_think, s.think_scan = not s.in_think, i + len(tag)
 
     def _stop_thinking_now(self, s: _Sequence) -> None:
         """The budget is spent: queue the stop-thinking sentence and `</think>` behind the sampled token."""
@@ -328,9 +314,8 @@ class BatchEngine:
         s.inserted = list(inserted)
         s.generated.extend(inserted)
         s.completion_tokens += len(inserted)
-        s.budget_hit, s.in_think = True, False
         s.text += s.decoder.decode(b"", final=True) + STOP_THINKING
-        s.think_scan = len(s.text)
+        s.think.closed_by_backend(len(s.text))
         s.job.emit(Delta(s.text[s.sent:], len(inserted)))
         s.sent = len(s.text)
 
@@ -352,8 +337,8 @@ class BatchEngine:
             s.text += s.decoder.decode(b"", final=True)
         if s.sent < len(s.text):
             s.job.emit(Delta(s.text[s.sent:], 0))
-        self._release(s, Finished(reason, len(s.job.prompt), s.completion_tokens, s.thinking_tokens, s.budget_hit,
-                                  tuple(s.logprobs)))
+        self._release(s, Finished(reason, len(s.job.prompt), s.completion_tokens, s.think.thinking_tokens,
+                                  s.think.budget_hit, tuple(s.logprobs)))
 
     def _release(self, s: _Sequence, event: Event | None, *, keep_cache: bool = True) -> None:
         self._running.remove(s)

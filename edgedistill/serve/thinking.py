@@ -175,3 +175,38 @@ def split(text: str, *, inside: bool = False) -> tuple[str, str]:
     r1, c1 = s.feed(text)
     r2, c2 = s.flush()
     return r1 + r2, c1 + c2
+
+
+class ThinkTracker:
+    """Where one generation stands with its <think> block, followed on its text as it grows (tags may span
+    several tokens), for every backend that samples token by token (llama.cpp engine, onnxruntime, torch).
+
+    A token counts as a thinking token when the block was open before or after it (so the tokens that write
+    `<think>` and `</think>` count). Once `over_budget`, the backend feeds the stop-thinking tokens into the
+    sequence and calls `closed_by_backend`."""
+
+    def __init__(self, *, inside: bool = False, budget: int | None = None) -> None:
+        self.inside, self.budget = inside, budget
+        self.scan = 0  # where in the text to look for the next tag
+        self.thinking_tokens = 0
+        self.budget_hit = False
+
+    def token(self, text: str) -> None:
+        """Account for one generated token; `text` is the whole generated text so far, that token included."""
+        was = self.inside
+        while True:
+            tag = CLOSE if self.inside else OPEN
+            i = text.find(tag, self.scan)
+            if i < 0:
+                self.scan = max(self.scan, len(text) - len(tag) + 1)
+                break
+            self.inside, self.scan = not self.inside, i + len(tag)
+        self.thinking_tokens += was or self.inside
+
+    @property
+    def over_budget(self) -> bool:
+        return self.inside and self.budget is not None and self.thinking_tokens >= self.budget
+
+    def closed_by_backend(self, text_len: int) -> None:
+        """The backend wrote STOP_THINKING (which ends in `</think>`); the text is now `text_len` long."""
+        self.inside, self.budget_hit, self.scan = False, True, text_len

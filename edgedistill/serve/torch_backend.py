@@ -6,6 +6,11 @@ left-padded into one prefill, then every step decodes one token for each sequenc
 with one KV cache (`DynamicCache`) for the batch. Sequences that finish (or whose client hung up)
 leave the batch at once; requests that arrive meanwhile wait for the next batch. Each request
 samples with its own seeded generator, so its text does not depend on what it was batched with.
+
+Thinking follows the llama.cpp engine's contract (`engine.py`): each sequence follows its <think> block
+and, when the block's budget is spent, the stop-thinking tokens are fed into that row one per step in
+place of a sampled token (the row's logits for those steps are not sampled, its generator not drawn
+from), while the other rows of the batch go on sampling.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .backend import Prompt
 from .detok import TextStream, render_ids
 from .engine import QueueFull
 from .events import Event, Failed, Finished, SamplingParams
+from .thinking import STOP_THINKING, ThinkTracker
 
 
 @dataclass(eq=False)
@@ -60,6 +66,7 @@ class TransformersBackend:
         eos = self._model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = {t for t in [*eos, self._tok.eos_token_id] if t is not None}
+        self._stop_thinking = self._tok(STOP_THINKING, add_special_tokens=False)["input_ids"]
         self._pad = next(t for t in (self._tok.pad_token_id, self._tok.eos_token_id, 0) if t is not None)
         self.name = name or model_dir.name
         self.model_dir = model_dir
@@ -135,7 +142,7 @@ class TransformersBackend:
             ids[i, width - len(r.ids):] = torch.tensor(r.ids)
             mask[i, width - len(r.ids):] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        live = [_Sequence(r, self._tok, self._device) for r in batch]
+        live = [_Sequence(r, self._tok, self._device, self._stop_thinking) for r in batch]
         cache = DynamicCache()
         dev = self._device
         ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
@@ -146,6 +153,11 @@ class TransformersBackend:
             cache = out.past_key_values
             keep, next_ids = [], []
             for row, seq in enumerate(live):
+                if seq.forced:  # a token the backend writes itself: fed instead of sampled
+                    if not seq.req.cancelled.is_set():
+                        keep.append(row)
+                        next_ids.append(seq.forced.pop(0))
+                    continue
                 tok = seq.sample(logits[row])
                 if seq.advance(tok, self._eos, self.n_ctx):
                     keep.append(row)
@@ -165,19 +177,23 @@ class TransformersBackend:
 class _Sequence:
     """One request inside a running batch: its sampler, its text stream and when it is done."""
 
-    def __init__(self, req: _Request, tok: Any, device: str):
+    def __init__(self, req: _Request, tok: Any, device: str, stop_thinking: list[int]):
         import torch
 
         self.req, self.params = req, req.params
         self.stream = TextStream(lambda toks: tok.decode(toks, skip_special_tokens=True), req.params.stop, req.emit)
         self.generator = torch.Generator(device=device).manual_seed(req.params.seed)
         self.logprobs: list[float] = []
+        self.last_logprob: float | None = None
+        self.think = ThinkTracker(inside=req.params.think_open, budget=req.params.think_budget)
+        self.stop_thinking = stop_thinking
+        self.forced: list[int] = []  # inserted tokens still to feed, one per step
 
     def sample(self, logits: Any) -> int:
         tok = self._sample(logits)
         if self.params.logprobs:  # of the model's distribution, as the llama.cpp engine reports
             import torch
-            self.logprobs.append(float(torch.log_softmax(logits, dim=-1)[tok]))
+            self.last_logprob = float(torch.log_softmax(logits, dim=-1)[tok])
         return tok
 
     def _sample(self, logits: Any) -> int:
@@ -198,19 +214,31 @@ class _Sequence:
         req, stream = self.req, self.stream
         if req.cancelled.is_set():
             return False
-        if tok in eos:
+        if tok in eos:  # the end-of-sequence token is no completion token and gets no log-prob (as in the engine)
             stream.flush()
             self.finish("stop")
             return False
-        if stream.push(tok):
+        if self.last_logprob is not None:
+            self.logprobs.append(self.last_logprob)
+        stopped = stream.push(tok)
+        self.think.token(stream.text)
+        if stopped:
             self.finish("stop")
             return False
         if len(stream.tokens) >= min(self.params.max_tokens, n_ctx - len(req.ids)):
             stream.flush()
             self.finish("length")
             return False
+        if self.think.over_budget:
+            if len(req.ids) + len(stream.tokens) + len(self.stop_thinking) >= n_ctx:
+                stream.flush()
+                self.finish("length")
+                return False
+            stream.insert(self.stop_thinking)
+            self.think.closed_by_backend(len(stream.text))
+            self.forced = list(self.stop_thinking)
         return True
 
     def finish(self, reason: str) -> None:
-        extra = {"token_logprobs": tuple(self.logprobs)} if self.logprobs else {}
-        self.req.emit(Finished(reason, len(self.req.ids), len(self.stream.tokens), **extra))
+        self.req.emit(Finished(reason, len(self.req.ids), len(self.stream.tokens), self.think.thinking_tokens,
+                               self.think.budget_hit, tuple(self.logprobs)))
