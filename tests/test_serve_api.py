@@ -281,3 +281,50 @@ def test_remote_llm_retries_before_the_first_token_and_reports_failure(tmp_path)
     unreachable = RemoteBackend("http://127.0.0.1:9/v1", model="m", retries=1, backoff_s=0.01, timeout=2)
     with pytest.raises(ServeError, match="unreachable"):
         generate(unreachable, Prompt(messages=tuple(HI)), SamplingParams(max_tokens=4))
+
+
+def test_cancelling_a_consumer_as_an_event_arrives_still_frees_the_slot():
+    """The race behind a client whose slot stayed busy after it hung up: the consumer is cancelled in the same
+    loop turn as the backend's next event is handed over. (Python 3.11's asyncio.wait_for returned the event
+    and swallowed the cancellation there; the generation then ran to its end.)"""
+    import asyncio
+
+    from edgedistill.serve.service import Generation
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Silent:  # the test feeds the queue itself, at the moment it chooses
+        name = "silent"
+
+        def __init__(self):
+            self.handle = Handle()
+
+        def start(self, prompt, params, emit):
+            return self.handle
+
+    async def scenario(settle_turns: int) -> tuple[bool, bool]:
+        backend = Silent()
+        gen = Generation(backend, Prompt(text="x"), SamplingParams(max_tokens=8), stall_timeout_s=30)
+
+        async def consume():
+            async for _ in gen.events():
+                pass
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.01)  # the consumer is waiting for an event
+        gen.queue.put_nowait((time.perf_counter(), Delta("tok", 1)))
+        for _ in range(settle_turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:
+            task.cancel()  # leave no task behind for the next scenario
+            await asyncio.wait({task})
+        return bool(done), backend.handle.cancelled
+
+    for turns in range(4):  # the hand-over takes a turn or two: cancel at each point of it
+        done, freed = asyncio.run(scenario(turns))
+        assert done and freed, f"cancelled {turns} loop turn(s) after the event arrived: the consumer kept running"

@@ -96,8 +96,11 @@ async def _unless_disconnected(request: Request, answer: Awaitable[Any], poll_s:
     while not task.done():
         await asyncio.wait({task}, timeout=poll_s)
         if not task.done() and await request.is_disconnected():
-            task.cancel()
-            await asyncio.wait({task})  # the generation's cleanup (its slot given back) has run before we answer
+            # The generation's cleanup (its slot given back) has run before we answer. Cancel again if a
+            # cancellation was swallowed on the way (asyncio primitives have done that).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=poll_s)
             raise ApiError(499, "the client closed the connection", code="client_closed_request")
     return task.result()
 

@@ -84,8 +84,12 @@ class Generation:
                 try:
                     if left is not None and left <= 0:
                         raise asyncio.TimeoutError
-                    at, ev = await asyncio.wait_for(self.queue.get(), min(waits) if waits else None)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the item when the queue hands
+                    # one over just as the task is cancelled, swallowing the cancellation, so a client that hung up
+                    # kept its slot busy until the whole generation ended.
+                    async with asyncio.timeout(min(waits) if waits else None):
+                        at, ev = await self.queue.get()
+                except TimeoutError:
                     if deadline is None or time.perf_counter() < deadline:  # silence, not the deadline
                         yield Failed(f"the model '{self.model}' sent nothing within {self.stall_timeout_s:g} s; "
                                      "the generation was abandoned", 504)
