@@ -25,6 +25,18 @@ from edgedistill.data.tokens import token_stream, windows
 from edgedistill.models import load_causal_lm, load_tokenizer, resolve_model
 
 
+def _cpu_model() -> str:
+    """The CPU's name and whether it has native bf16 (the block forwards run in bf16)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(bf16) or 'no native bf16'})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -57,7 +69,8 @@ def main() -> None:
               "block_linear_sparsity": metrics["block_linear_sparsity"],
               "mean_rel_error": metrics["mean_rel_error"], "max_rel_error": metrics["max_rel_error"],
               "loadavg_before": [round(x, 2) for x in load_before],
-              "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+              "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+              "cpu_model": _cpu_model()}
     if args.out:
         from edgedistill.artifacts import atomic_write_json
         atomic_write_json(args.out, result)
