@@ -226,10 +226,11 @@ def stage_eval(ctx: BuildContext) -> Artifact:
         from .routing.report import ROWS
         r = ctx.metrics("routing")
         keys = [k for _, acc, tok, _ in ROWS for k in (acc, tok)] + [
+            "teacher_acc", "teacher_tokens", "teacher_mode", "teacher_calib_acc", "routed_vs_best_teacher",
             "student_acc_think", "student_acc_nothink", "teacher_acc_nothink", "escalation_rate",
             "target_escalation_rate", "think_rate", "budget_hits", "routed_vs_teacher", "adaptive_token_saving",
             "policy_overhead_ms_p95", "think_threshold", "escalation_threshold", "calib_escalation_rate", "target",
-            "latency_s", "test_size", "calib_size", "generation_backend"]
+            "latency_s", "test_size", "calib_size", "generation_backend", "escalation_calibration"]
         metrics["routing"] = {k: r[k] for k in keys if k in r}
     return Artifact([], metrics)
 
@@ -259,7 +260,7 @@ def stage_hybrid_teacher(ctx: BuildContext) -> Artifact:
     from .routing.stage import adapt_teacher
     dest = ctx.path("teacher_hybrid")
     with atomic_dir(dest) as tmp:
-        metrics = adapt_teacher(ctx.teacher_dir, ctx.tokenizer, ctx.recipe.routing, ctx.recipe.distill.precision, tmp,
+        metrics = adapt_teacher(ctx.teacher_dir, ctx.tokenizer, ctx.recipe.routing, _hybrid_precision(ctx), tmp,
                                 _work(ctx, "hybrid_teacher"))
     shutil.rmtree(ctx.path("routing_work", "hybrid_teacher"), ignore_errors=True)
     return Artifact([dest], metrics)
@@ -275,7 +276,7 @@ def stage_hybrid_student(ctx: BuildContext) -> Artifact:
     dest = ctx.path("student_hybrid")
     with atomic_dir(dest) as tmp:
         metrics = distill_hybrid(ctx.path("student"), ctx.path("teacher_hybrid"), ctx.tokenizer, ctx.recipe.routing,
-                                 ctx.recipe.distill.precision, ctx.recipe.distill.quantize_aware, tmp,
+                                 _hybrid_precision(ctx), ctx.recipe.distill.quantize_aware, tmp,
                                  _work(ctx, "hybrid_student"))
     shutil.rmtree(ctx.path("routing_work", "hybrid_student"), ignore_errors=True)
     return Artifact([dest], metrics)
@@ -326,6 +327,16 @@ _HYBRID_STUDENT_FIELDS = ("seed", "train_size", "student_steps", "student_lr", "
                           "batch_size", "seq_len", "think_budget", "answer_tokens")
 
 
+def _hybrid_precision(ctx: BuildContext) -> str:
+    """routing.precision resolved: bf16 autocast where the hardware computes bf16 natively (a GPU; AMX or
+    AVX512-BF16 CPUs, where oneDNN's bf16 matmuls beat fp32), else fp32."""
+    p = ctx.recipe.routing.precision
+    if p != "auto":
+        return p
+    from .distill.train import native_bf16
+    return "bf16" if native_bf16() else "fp32"
+
+
 def _sample_format() -> int:
     from .data.tasks import SAMPLE_FORMAT
     return SAMPLE_FORMAT
@@ -341,7 +352,7 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
         return {"teacher": r.teacher.model_dump()}
     if name == "hybrid_teacher":
         return {"enabled": False} if not rt.enabled else {
-            "teacher": fp("teacher"), "precision": r.distill.precision, "sample_format": _sample_format(),
+            "teacher": fp("teacher"), "precision": _hybrid_precision(ctx), "sample_format": _sample_format(),
             "routing": {k: getattr(rt, k) for k in _HYBRID_TEACHER_FIELDS}}
     if name == "student_init":
         return {"teacher": fp("teacher"), "student": r.student.model_dump(), "data": r.data.model_dump(),
@@ -351,7 +362,7 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
                 "data": r.data.model_dump()}
     if name == "hybrid_student":
         return {"enabled": False} if not rt.enabled else {
-            "distill": fp("distill"), "hybrid_teacher": fp("hybrid_teacher"), "precision": r.distill.precision,
+            "distill": fp("distill"), "hybrid_teacher": fp("hybrid_teacher"), "precision": _hybrid_precision(ctx),
             "quantize_aware": r.distill.quantize_aware, "sample_format": _sample_format(), "routing": {k: getattr(rt, k) for k in _HYBRID_STUDENT_FIELDS}}
     if name == "compress":
         return routed({"student": fp("distill"), "compress": r.compress.model_dump()}, "hybrid_student")

@@ -16,6 +16,12 @@ class _Bar:
         self.progress, self.task, self.total, self.label = progress, task, total, label
         self.done = 0
 
+    def set_total(self, total: int) -> None:
+        """The amount of work turned out different from the first estimate."""
+        self.total = total
+        if self.progress is not None:
+            self.progress.update(self.task, total=total)
+
     def advance(self, **fields: str) -> None:
         self.done += 1
         info = " ".join(f"{k}={v}" for k, v in fields.items())

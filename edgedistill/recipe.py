@@ -172,13 +172,14 @@ class DevicesSpec(Section):
 
 class RoutingSpec(Section):
     """Adaptive thinking + escalation: adapt the teacher and student on the reasoning suite, calibrate router.json."""
-    # Off by default: on the 2-core reference machine the three routing stages would take the default build
-    # well past its 20-minute budget (measured 57 min of routing work under load), and at 135M they do not
-    # reach the routing targets yet (README, "Measured"). `routing: {enabled: true}` turns them on.
-    enabled: bool = Field(False, description="adapt teacher and student on the suite's hybrid data and calibrate router.json")
+    # On by default (issue #5: the default build adapts SmolLM2-135M and its student and calibrates the router);
+    # `routing: {enabled: false}` skips its three stages. Wall time of each: README, "Measured".
+    enabled: bool = Field(True, description="adapt teacher and student on the suite's hybrid data and calibrate router.json")
     seed: int = 0
     train_size: int = Field(400, ge=4, le=1_000_000, description="suite problems for training (each: a thinking and a direct sample)")
-    calib_size: int = Field(80, ge=8, le=100_000, description="problems the thresholds are calibrated on")
+    calib_size: int = Field(240, ge=8, le=100_000, description="problems the escalation threshold is calibrated on")
+    think_calib_size: int = Field(80, ge=4, le=100_000, description="of those, the ones also answered with thinking "
+                                  "(the think threshold's sample; the rest think only where the policy says so)")
     test_size: int = Field(100, ge=4, le=100_000, description="held-out problems for the routing evaluation")
     teacher_steps: int = Field(24, ge=1, le=1_000_000, description="full fine-tune steps of the teacher on hybrid data")
     teacher_lr: float = Field(1e-4, gt=0.0, lt=1.0)
@@ -190,7 +191,12 @@ class RoutingSpec(Section):
     batch_size: int = Field(8, ge=1, le=4096)
     seq_len: int = Field(256, ge=32, le=32768, description="longest hybrid sample (tokens)")
     think_budget: int = Field(128, ge=1, le=32768, description="max thinking tokens in evaluation and in router.json")
-    answer_tokens: int = Field(32, ge=1, le=4096, description="max tokens after the thinking")
+    teacher_mode: Literal["auto", "on", "off"] = Field(
+        "auto", description="the large model's think mode on escalation; auto: its more accurate one on calibration")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="hybrid training; auto: bf16 autocast on a GPU or a CPU with native bf16 (AMX / AVX512-BF16)")
+    slots: int = Field(16, ge=1, le=256, description="sequences llama.cpp decodes together while answering the suite")
+    answer_tokens: int = Field(32, ge=1, le=4096, description="max answer tokens: direct, or on top of think_budget when thinking (as served: one max_tokens)")
     think_max_acc_loss: float = Field(0.01, ge=0.0, le=1.0, description="adaptive thinking may lose at most this accuracy vs always-think on calibration")
     target_accuracy_ratio: float | None = Field(None, gt=0.0, le=1.0, description="routed accuracy ≥ this × teacher-only accuracy")
     max_escalation_rate: float | None = Field(None, ge=0.0, le=1.0, description="escalate at most this share of requests (default target: 0.25)")
@@ -255,7 +261,8 @@ class Recipe(Section):
         r.data.max_chars = min(r.data.max_chars, 600_000)
         r.routing.teacher_steps = min(r.routing.teacher_steps, 10)
         r.routing.student_steps = min(r.routing.student_steps, 10)
-        r.routing.calib_size = min(r.routing.calib_size, 40)
+        r.routing.calib_size = min(r.routing.calib_size, 60)
+        r.routing.think_calib_size = min(r.routing.think_calib_size, 30)
         r.routing.test_size = min(r.routing.test_size, 40)
         return r
 

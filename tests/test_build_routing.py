@@ -7,7 +7,7 @@ from edgedistill.build import STAGE_ORDER, run_build
 from edgedistill.routing.policy import ROUTER_FILE, RoutingPolicy
 from test_build import tiny_recipe
 
-ROUTING = {"enabled": True, "train_size": 24, "calib_size": 16, "test_size": 12, "teacher_steps": 3,
+ROUTING = {"enabled": True, "train_size": 24, "calib_size": 16, "think_calib_size": 8, "test_size": 12, "teacher_steps": 3,
            "student_steps": 3, "batch_size": 4, "seq_len": 160, "think_budget": 16, "answer_tokens": 6,
            "max_escalation_rate": 0.3}
 
@@ -34,6 +34,19 @@ def test_routing_build_writes_router_and_metrics(routed_build):
                 "adaptive_acc", "adaptive_tokens", "routed_acc", "escalation_rate", "target_escalation_rate"):
         assert key in r, key
     assert r["target_escalation_rate"] == 0.3 and 0.0 <= r["escalation_rate"] <= 1.0
+    # Escalation goes to the teacher's better mode on calibration, and teacher_acc is that mode's accuracy.
+    acc = stages["routing"]["metrics"]["teacher_calib_acc"]
+    assert policy.escalate_think == r["teacher_mode"] == max(acc, key=lambda m: (acc[m], m == "off"))
+    assert r["teacher_acc"] == r["teacher_acc_think" if r["teacher_mode"] == "on" else "teacher_acc_nothink"]
+    # Both modes on the calibration head only; thinking elsewhere only where the policy asks for it.
+    rm = stages["routing"]["metrics"]
+    assert rm["think_calib_size"] == 8 and 8 <= rm["calib_thinking_answers"] <= 16 and rm["calib_size"] == 16
+    check = stages["routing"]["metrics"]["escalation_calibration"]
+    assert [c["requested"] for c in check][:2] == [0.05, 0.1]
+    assert all(c["calib_rate"] <= c["requested"] + 1e-9 and 0 <= c["test_rate"] <= 1 for c in check)
+    # Hybrid training in bf16 where the CPU has it natively.
+    from edgedistill.distill.train import native_bf16
+    assert stages["hybrid_teacher"]["metrics"]["precision"] == ("bf16" if native_bf16() else "fp32")
     assert 0 < r["always_think_tokens"] <= 16 + 6 and r["test_size"] == 12
     # The exported student is the one trained in both modes.
     assert stages["hybrid_student"]["metrics"]["steps"] == 3 and (out / "student_hybrid").is_dir()

@@ -6,7 +6,7 @@ import pytest
 
 from edgedistill.errors import RoutingError
 from edgedistill.routing.calibrate import (CalibrationItem, calibrate_policy, choose_escalation_threshold,
-                                           choose_think_threshold)
+                                           choose_think_threshold, fit_escalation, fit_think)
 from edgedistill.routing.features import FEATURE_NAMES, prompt_features
 from edgedistill.routing.fit import fit_isotonic, fit_logistic, sigmoid
 from edgedistill.routing.policy import ROUTER_FILE, RoutingPolicy, Target
@@ -131,6 +131,27 @@ def test_calibrated_policy_thinks_on_hard_prompts_and_escalates_unsure_answers(t
     assert back.decide_think(hard) == policy.decide_think(hard)
 
 
+def test_two_phase_calibration_thinks_only_where_the_policy_asks():
+    """The build answers only a head of the calibration split in both modes: the think threshold comes from it,
+    the escalation threshold from every item (thinking answers only where the fitted policy thinks)."""
+    import dataclasses
+    full = _items(400)
+    head = full[:200]
+    rest = [dataclasses.replace(it, think_correct=None, think_tokens=None, think_logprobs=None) for it in full[200:]]
+    policy = fit_think(head + rest, think_budget=64)
+    assert policy.calibration["think"]["n_both_modes"] == 200 and policy.calibration["think"]["n_classifier"] == 400
+    target = Target(kind="max_escalation_rate", value=0.2)
+    # An item sent to thinking without its thinking answer cannot be calibrated on: a clear error.
+    with pytest.raises(RoutingError, match="no thinking answer"):
+        fit_escalation(policy.model_copy(deep=True), head + rest, target)
+    filled = [full[200 + i] if policy.decide_think(it.prompt).mode == "on" else it for i, it in enumerate(rest)]
+    assert 0 < sum(it.think_correct is not None for it in filled) < len(filled)
+    policy = fit_escalation(policy, head + filled, target)
+    esc = policy.calibration["escalation"]
+    assert esc["escalation_rate"] <= 0.2 and policy.calibration["n"] == 400 and "think" in policy.calibration
+    assert policy.decide_think(" ".join(f"Add {n} apples, then each gets more." for n in range(100, 108))).mode == "on"
+
+
 def test_default_policy_is_documented_behaviour():
     p = RoutingPolicy.default()
     d = p.decide_think("What is 17 * 23 + 4?")
@@ -193,9 +214,11 @@ def test_routing_recipe_section_is_validated(routing, words):
 def test_routing_recipe_defaults_and_quick():
     from edgedistill.recipe import Recipe
     r = Recipe()
-    # off by default (the default build's time budget); the default target when switched on
-    assert not r.routing.enabled and r.routing.target() == ("max_escalation_rate", 0.25)
-    assert Recipe.model_validate({"routing": {"enabled": True}}).routing.enabled
+    # on by default (issue #5: the default build adapts teacher and student), with the default target
+    assert r.routing.enabled and r.routing.target() == ("max_escalation_rate", 0.25)
+    assert not Recipe.model_validate({"routing": {"enabled": False}}).routing.enabled
+    assert r.routing.think_calib_size < r.routing.calib_size and r.routing.teacher_mode == "auto"
     q = r.quick()
     assert q.routing.teacher_steps <= r.routing.teacher_steps and q.routing.test_size <= r.routing.test_size
+    assert q.routing.think_calib_size <= q.routing.calib_size
     assert Recipe.model_validate({"routing": {"token_budget": 30}}).routing.target() == ("token_budget", 30.0)

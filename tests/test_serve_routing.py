@@ -194,3 +194,25 @@ def test_a_cut_large_model_stream_is_never_passed_off_as_complete(builds):
                 == "The answer is"
             assert not any(e["choices"][0]["finish_reason"] for e in events if e.get("choices"))
             assert events[-1]["edgedistill"]["escalated"] and "broke off" in events[-1]["edgedistill"]["reason"]
+
+
+def test_escalation_uses_the_think_mode_router_json_names_for_the_large_model(builds):
+    """router.json's escalate_think (the teacher's better mode on calibration) sets the large model's mode when
+    the policy chose the mode; a mode the client asked for is kept."""
+    slm, llm = builds
+    policy = RoutingPolicy(calibrated=True, escalation_threshold=ALWAYS, escalate_think="on")
+    application = create_app(slm, llm=str(llm), policy=policy, max_tokens_cap=32, slots=2, ctx_per_slot=256,
+                             n_threads=1)
+    with serving(application) as url:
+        oa = client(url)
+        r = oa.chat.completions.create(**KW)
+        ed = r.model_extra["edgedistill"]
+        assert ed["think_mode"] == "off" and ed["escalated"] and ed["escalation_think_mode"] == "on"
+        # The large model thought: the same answer as asking it directly with thinking on.
+        direct = oa.chat.completions.create(**{**KW, "model": LLM}, extra_body={"think": True})
+        assert direct.model_extra["edgedistill"]["think_mode"] == "on"
+        assert r.choices[0].message.model_dump() == direct.choices[0].message.model_dump()
+        # Asked for explicitly: the client's mode stands for both models.
+        r = oa.chat.completions.create(**KW, extra_body={"think": False})
+        ed = r.model_extra["edgedistill"]
+        assert ed["escalated"] and ed["escalation_think_mode"] is None and ed["think_mode"] == "off"

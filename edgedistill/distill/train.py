@@ -29,6 +29,18 @@ CHECKPOINT = "checkpoint.pt"
 QAT_DIR = "qat"  # holds the grid codes of a quantize-aware student
 
 
+
+def native_bf16() -> bool:
+    """A CUDA GPU with bf16, or a CPU that computes bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
 @dataclass
 class KDConfig:
     steps: int

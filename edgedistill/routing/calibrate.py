@@ -29,16 +29,17 @@ TARGET_KINDS = ("target_accuracy_ratio", "max_escalation_rate", "token_budget")
 
 @dataclass
 class CalibrationItem:
-    """One calibration problem: the student in both modes, the teacher once."""
+    """One calibration problem: the student without thinking, with thinking where it was generated (None
+    otherwise: the think threshold is chosen on the items that have both), the escalation model once."""
     prompt: str
     nothink_correct: bool
     nothink_tokens: int
     nothink_logprobs: Sequence[float]
-    think_correct: bool
-    think_tokens: int
-    think_logprobs: Sequence[float]
-    teacher_correct: bool
-    teacher_tokens: int
+    think_correct: bool | None
+    think_tokens: int | None
+    think_logprobs: Sequence[float] | None
+    teacher_correct: bool | None = None
+    teacher_tokens: int | None = None
 
 
 def _candidates(scores: np.ndarray) -> np.ndarray:
@@ -98,24 +99,39 @@ def choose_escalation_threshold(confidence, student_correct, teacher_correct, st
                                                    for r in rows[:: max(1, len(rows) // 40)]]}
 
 
-def calibrate_policy(items: list[CalibrationItem], target: Target | None, *, max_acc_loss: float = 0.01,
-                     think_budget: int | None = None, low_quantile: float = 0.1) -> RoutingPolicy:
+def fit_think(items: list[CalibrationItem], *, max_acc_loss: float = 0.01, think_budget: int | None = None,
+              low_quantile: float = 0.1) -> RoutingPolicy:
+    """The policy's first half: the difficulty classifier (on every item's no-think outcome) and the think threshold
+    (on the items answered in both modes). The caller then answers, in thinking mode, the items this policy sends to
+    thinking that lack a thinking answer, and calls `fit_escalation`."""
     if len(items) < 4:
         raise RoutingError(f"calibration needs at least 4 problems, got {len(items)}; raise routing.calib_size.")
+    both = [it for it in items if it.think_correct is not None]
+    if len(both) < 4:
+        raise RoutingError(f"calibration needs at least 4 problems answered in both modes, got {len(both)}; raise "
+                           "routing.think_calib_size.")
     x = np.stack([prompt_features(it.prompt) for it in items])
-    nothink_wrong = np.array([not it.nothink_correct for it in items], float)
-    clf = fit_logistic(x, nothink_wrong)
+    clf = fit_logistic(x, np.array([not it.nothink_correct for it in items], float))
     think = ThinkSpec(mean=clf.mean.tolist(), scale=clf.scale.tolist(), weights=clf.weights.tolist(), bias=clf.bias,
                       threshold=0.5, budget=think_budget)
-    p_hard = clf.predict(x)
+    p_hard = clf.predict(np.stack([prompt_features(it.prompt) for it in both]))
     think_cut, think_info = choose_think_threshold(
-        p_hard, [it.think_correct for it in items], [it.nothink_correct for it in items],
-        [it.think_tokens for it in items], [it.nothink_tokens for it in items], max_acc_loss)
+        p_hard, [it.think_correct for it in both], [it.nothink_correct for it in both],
+        [it.think_tokens for it in both], [it.nothink_tokens for it in both], max_acc_loss)
     think.threshold = think_cut
-    policy = RoutingPolicy(calibrated=True, think=think, confidence_map=ConfidenceSpec(low_quantile=low_quantile))
+    think_info.update(n_both_modes=len(both), n_classifier=len(items))
+    return RoutingPolicy(calibrated=True, think=think, confidence_map=ConfidenceSpec(low_quantile=low_quantile),
+                         calibration={"think": think_info})
 
-    # The student's answers under the adaptive decision are what the confidence sees when serving.
-    chose = p_hard >= think_cut
+
+def fit_escalation(policy: RoutingPolicy, items: list[CalibrationItem], target: Target | None) -> RoutingPolicy:
+    """The second half: the confidence map and the escalation threshold, on the answers the adaptive policy gives
+    (what serving will see). Every item the policy sends to thinking must have its thinking answer."""
+    chose = np.array([policy.decide_think(it.prompt).mode == "on" for it in items])
+    missing = [i for i, (it, t) in enumerate(zip(items, chose)) if t and it.think_correct is None]
+    if missing:
+        raise RoutingError(f"calibration items {missing[:5]} go to thinking but have no thinking answer.")
+    low_quantile = policy.confidence_map.low_quantile
     logprobs = [it.think_logprobs if t else it.nothink_logprobs for it, t in zip(items, chose)]
     correct = np.array([it.think_correct if t else it.nothink_correct for it, t in zip(items, chose)], float)
     tokens = np.array([it.think_tokens if t else it.nothink_tokens for it, t in zip(items, chose)], float)
@@ -129,9 +145,11 @@ def calibrate_policy(items: list[CalibrationItem], target: Target | None, *, max
     policy.confidence_map = ConfidenceSpec(low_quantile=low_quantile, weights=w.tolist(), bias=b,
                                            iso_x=iso.xs.tolist(), iso_y=np.clip(iso.ys, 0, 1).tolist())
     conf = np.array([policy.confidence(lp) for lp in logprobs])
-    info = {"n": len(items), "think": think_info, "student_acc_adaptive": float(correct.mean()),
+    info = {"n": len(items), **policy.calibration, "student_acc_adaptive": float(correct.mean()),
             "isotonic_blocks": len(iso.xs)}
     if target is not None:
+        if any(it.teacher_correct is None for it in items):
+            raise RoutingError("escalation calibration needs the large model's outcome on every calibration item.")
         cut, esc = choose_escalation_threshold(conf, correct, [it.teacher_correct for it in items], tokens,
                                                [it.teacher_tokens for it in items], target)
         policy.escalation_threshold = cut
@@ -141,3 +159,10 @@ def calibrate_policy(items: list[CalibrationItem], target: Target | None, *, max
         policy.escalation_threshold = 0.0  # no target: never escalate
     policy.calibration = info
     return policy
+
+
+def calibrate_policy(items: list[CalibrationItem], target: Target | None, *, max_acc_loss: float = 0.01,
+                     think_budget: int | None = None, low_quantile: float = 0.1) -> RoutingPolicy:
+    """Both halves on items that all have both modes (and the large model's outcome when a target is given)."""
+    policy = fit_think(items, max_acc_loss=max_acc_loss, think_budget=think_budget, low_quantile=low_quantile)
+    return fit_escalation(policy, items, target)

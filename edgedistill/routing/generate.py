@@ -1,14 +1,18 @@
-"""Answer suite problems with an exported GGUF through llama.cpp: greedy, one sequence at a time, prefix reused.
+"""Answer suite problems with an exported GGUF through llama.cpp, greedy.
 
-This is the runtime `edgedistill serve` uses, so the log-probs the confidence map is
-calibrated on are the ones it will see when serving. In "on" mode the thinking is cut
-at `think_budget` tokens Qwen3-style: the stop-thinking text below and `</think>` are
-inserted and the model answers.
+`answer_many` goes through the serving engine (`edgedistill.serve.engine.BatchEngine`, continuous
+batching: many sequences per decode, a freed slot's KV cache reused for the shared chat-template
+prefix), i.e. the code path and the log-probs `edgedistill serve` has, so the confidence map is
+calibrated on what serving will see. `answer` is the one-sequence reference (LlamaCppModel).
+In "on" mode the thinking is cut at `think_budget` tokens Qwen3-style: the stop-thinking text
+below and `</think>` are inserted and the model answers.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from ..data.tasks import NO_THINK_PREFIX, THINK_PREFIX, Mode, Problem, render_prompt, score
 
@@ -49,3 +53,64 @@ def answer(model, tokenizer, problem: Problem, mode: Mode, *, think_budget: int,
     text = head + model.detokenize(think) + (STOP_THINKING if budget_hit else "") + model.detokenize(out)
     return Answer(text, score(text, problem.answer), len(think) + len(out), len(think), lps + out_lps,
                   time.perf_counter() - t0, budget_hit)
+
+
+def answer_many(engine, tokenizer, problems: Sequence[Problem], mode: Mode, *, think_budget: int, answer_tokens: int,
+                on_done: Callable[[], None] = lambda: None) -> list[Answer]:
+    """Greedy answers to all `problems` in one mode, batched by `engine` (a `BatchEngine`), in input order.
+
+    A thinking sequence may write `think_budget` thinking tokens (then the engine inserts the stop-thinking
+    sentence); it samples at most `think_budget + answer_tokens` tokens in all. `Answer.tokens` counts sampled tokens only (the inserted
+    sentence is not generated); `seconds` runs from the sequence getting a slot to its end, so it is the
+    latency under batching, not alone.
+    """
+    from ..serve.events import Delta, Failed, Finished, SamplingParams
+
+    # As a served request: one max_tokens, the inserted stop-thinking tokens counted in it (so at most
+    # think_budget + answer_tokens tokens are sampled).
+    inserted = len(engine.tokenize(STOP_THINKING, add_bos=False))
+    params = SamplingParams(max_tokens=(think_budget + inserted if mode == "on" else 0) + answer_tokens,
+                            temperature=0.0, logprobs=True, think_open=mode == "on",
+                            think_budget=think_budget if mode == "on" else None)
+    head = THINK_PREFIX if mode == "on" else NO_THINK_PREFIX
+    results: list[Answer | None] = [None] * len(problems)
+    errors: list[str] = []
+    done = threading.Condition()
+    remaining = [len(problems)]
+
+    def collector(i: int, p: Problem):
+        parts: list[str] = []
+
+        def emit(ev) -> None:
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+                return
+            if isinstance(ev, Finished):
+                text = head + "".join(parts)
+                if mode == "on" and "</think>" not in text:
+                    ok = False  # never closed its thinking (ended or ran out): no answer
+                else:
+                    ok = score(text, p.answer)
+                results[i] = Answer(text, ok, len(ev.token_logprobs), ev.thinking_tokens, list(ev.token_logprobs),
+                                    time.perf_counter(), ev.budget_hit)  # end time; made a duration below
+            elif isinstance(ev, Failed):
+                errors.append(f"problem {p.id}: {ev.message}")
+            with done:
+                remaining[0] -= 1
+                done.notify_all()
+            on_done()
+        return emit
+
+    jobs = []
+    for i, p in enumerate(problems):
+        prompt = engine.tokenize(render_prompt(tokenizer, p.question, mode), add_bos=False)
+        jobs.append(engine.submit(prompt, params, collector(i, p)))
+    with done:
+        while remaining[0]:
+            done.wait(timeout=1.0)
+    if errors:
+        from ..errors import RoutingError
+        raise RoutingError(f"{len(errors)} suite generations failed, first: {errors[0]}")
+    for a, job in zip(results, jobs):
+        a.seconds = max(0.0, a.seconds - (job.admitted_at or a.seconds))
+    return results  # type: ignore[return-value]

@@ -115,6 +115,9 @@ class RoutingPolicy(_Strict):
     think: ThinkSpec = Field(default_factory=ThinkSpec)
     confidence_map: ConfidenceSpec = Field(default_factory=ConfidenceSpec)
     escalation_threshold: float = Field(0.5, ge=0.0, le=1.01, description="escalate when confidence < this")
+    escalate_think: Literal["on", "off"] | None = Field(
+        None, description="think mode of the large model on an escalated request whose mode the policy chose (the "
+                          "teacher's better mode on calibration); None: the small model's mode")
     target: Target | None = None
     calibration: dict[str, Any] = Field(default_factory=dict, description="what the build measured (free form)")
 
@@ -157,6 +160,7 @@ class RoutingPolicy(_Strict):
         """What a route explanation may quote: thresholds, target and how the calibration went."""
         return {"calibrated": self.calibrated, "escalation_threshold": self.escalation_threshold,
                 "think_threshold": self.think.threshold, "think_budget": self.think.budget,
+                "escalate_think": self.escalate_think,
                 "target": self.target.model_dump() if self.target else None,
                 "calibration": self.calibration}
 

@@ -22,8 +22,8 @@ import numpy as np
 from ..artifacts import atomic_write_json, atomic_write_text
 from ..data.tasks import Problem, generate_suite, render_prompt
 from ..recipe import RoutingSpec
-from .calibrate import CalibrationItem, calibrate_policy
-from .generate import Answer, answer
+from .calibrate import CalibrationItem, fit_escalation, fit_think
+from .generate import Answer, answer_many
 from .policy import ROUTER_FILE, RoutingPolicy, Target
 
 
@@ -92,52 +92,79 @@ def _acc(xs) -> float:
 def calibrate_and_evaluate(student_gguf: Path, teacher_gguf: Path, tokenizer, spec: RoutingSpec, out_dir: Path,
                            log=lambda msg: None) -> tuple[dict, list[Path]]:
     """Write `out_dir/router.json` and `out_dir/routing/` (per-problem results, report table, Pareto PNG)."""
-    from ..export.llamacpp import LlamaCppModel
+    import os
+
     from ..progress import progress_bar
+    from ..serve.engine import BatchEngine
     suite = generate_suite({"calib": spec.calib_size, "test": spec.test_size}, seed=spec.seed)
+    calib, test = suite["calib"], suite["test"]
     kind, value = spec.target()
     target = Target(kind=kind, value=value)
-    n_ctx = 512 + spec.think_budget + spec.answer_tokens + 64
+    # a multiple of 256, so llama.cpp takes slots × ctx_per_slot as it is (it pads the context otherwise)
+    ctx_per_slot = -(-(512 + spec.think_budget + spec.answer_tokens + 64) // 256) * 256
+    threads = os.cpu_count() or 1
+    n_both = min(spec.think_calib_size, len(calib))
+    head, rest = calib[:n_both], calib[n_both:]
+    # The teacher answers the calibration head in each mode escalation may use ("auto": the better one there),
+    # then the rest of the calibration split in the chosen mode only.
+    teacher_modes = ("on", "off") if spec.teacher_mode == "auto" else (spec.teacher_mode,)
+    # Thinking answers are long; direct ones a few tokens. The think threshold needs both modes, but only on the
+    # head of the calibration split; the escalation threshold is calibrated on all of it (a wider sample for the
+    # rate it must hit), with thinking answers made only where the fitted think policy asks for them.
+    total = len(calib) + n_both + 2 * len(test) + len(head) * len(teacher_modes) + 2 * len(rest) + 2 * len(test)
     t0 = time.perf_counter()
-    runs: dict[str, list[Answer]] = {}
-    need_teacher_calib = kind != "max_escalation_rate"
-    jobs = [("student", "calib", "off"), ("student", "calib", "on"), ("student", "test", "off"), ("student", "test", "on"),
-            ("teacher", "test", "off"), ("teacher", "test", "on")] + \
-        ([("teacher", "calib", "on")] if need_teacher_calib else [])
-    total = sum(len(suite[split]) for _, split, _ in jobs)
-    with progress_bar("routing: answer the suite (llama.cpp)", total=total) as bar:
-        for who in ("student", "teacher"):
-            with LlamaCppModel(student_gguf if who == "student" else teacher_gguf, n_ctx=n_ctx) as model:
-                for w, split, mode in jobs:
-                    if w != who:
-                        continue
-                    out = []
-                    for p in suite[split]:
-                        out.append(answer(model, tokenizer, p, mode, think_budget=spec.think_budget,
-                                          answer_tokens=spec.answer_tokens))
-                        bar.advance()
-                    runs[f"{who}_{split}_{mode}"] = out
+    runs: dict[str, list[Answer | None]] = {}
+
+    def ask(engine, problems, mode):
+        return answer_many(engine, tokenizer, problems, mode, think_budget=spec.think_budget,
+                           answer_tokens=spec.answer_tokens, on_done=bar.advance)
+
+    with progress_bar("routing: answer the suite (llama.cpp, batched)", total=total) as bar:
+        engine = BatchEngine(student_gguf, slots=spec.slots, ctx_per_slot=ctx_per_slot, n_threads=threads,
+                             max_queue=total)
+        try:
+            runs["student_calib_off"] = ask(engine, calib, "off")
+            runs["student_calib_on"] = ask(engine, head, "on") + [None] * len(rest)
+            for mode in ("off", "on"):
+                runs[f"student_test_{mode}"] = ask(engine, test, mode)
+            items = [_item(p, runs, i) for i, p in enumerate(calib)]
+            policy = fit_think(items, max_acc_loss=spec.think_max_acc_loss, think_budget=spec.think_budget)
+            todo = [i for i in range(n_both, len(calib)) if policy.decide_think(calib[i].question).mode == "on"]
+            bar.set_total(total - len(rest) + len(todo))
+            for i, a in zip(todo, ask(engine, [calib[i] for i in todo], "on")):
+                runs["student_calib_on"][i] = a
+        finally:
+            engine.close()
+        engine = BatchEngine(teacher_gguf, slots=spec.slots, ctx_per_slot=ctx_per_slot, n_threads=threads,
+                             max_queue=total)
+        try:
+            for mode in teacher_modes:
+                runs[f"teacher_calib_{mode}"] = ask(engine, head, mode) + [None] * len(rest)
+            calib_acc = {m: _acc([a.correct for a in runs[f"teacher_calib_{m}"][:n_both]]) for m in teacher_modes}
+            # ties go to direct answers: fewer tokens for the same accuracy
+            escalate_mode = max(teacher_modes, key=lambda m: (calib_acc[m], m == "off"))
+            runs[f"teacher_calib_{escalate_mode}"][n_both:] = ask(engine, rest, escalate_mode)
+            for mode in ("off", "on"):
+                runs[f"teacher_test_{mode}"] = ask(engine, test, mode)
+        finally:
+            engine.close()
     gen_seconds = time.perf_counter() - t0
 
-    calib = suite["calib"]
-    items = []
-    for i, p in enumerate(calib):
-        on, off = runs["student_calib_on"][i], runs["student_calib_off"][i]
-        t = runs["teacher_calib_on"][i] if need_teacher_calib else None
-        items.append(CalibrationItem(p.question, off.correct, off.tokens, off.logprobs, on.correct, on.tokens,
-                                     on.logprobs, bool(t and t.correct), t.tokens if t else 0))
-    policy = calibrate_policy(items, target, max_acc_loss=spec.think_max_acc_loss, think_budget=spec.think_budget)
-    if not need_teacher_calib:
-        policy.calibration.get("escalation", {}).pop("curve", None)  # routed accuracy there assumed a wrong teacher
-        for k in ("routed_acc", "teacher_acc", "target_met"):
-            policy.calibration.get("escalation", {}).pop(k, None)
+    items = [_item(p, runs, i, escalate_mode) for i, p in enumerate(calib)]
+    policy = fit_escalation(policy, items, target)
+    policy.escalate_think = escalate_mode
+    policy.calibration["teacher_calib_acc"] = calib_acc
     policy.save(out_dir / ROUTER_FILE)
     policy = RoutingPolicy.load(out_dir / ROUTER_FILE)  # evaluate exactly what was written
 
-    metrics, rows = evaluate_policy(policy, suite["test"], runs, target)
+    metrics, rows = evaluate_policy(policy, test, runs, target)
+    metrics["escalation_calibration"] = escalation_check(policy, calib, runs, rows)
     metrics.update(generation_backend=f"llama.cpp: {Path(student_gguf).name} (student), {Path(teacher_gguf).name} "
-                                      "(adapted teacher); greedy, one sequence at a time, shared prefix reused",
-                   generation_seconds=round(gen_seconds, 1), calib_size=len(calib), test_size=len(suite["test"]),
+                                      f"(adapted teacher); greedy, the serving engine's continuous batching "
+                                      f"({spec.slots} slots, {threads} threads)",
+                   teacher_mode=escalate_mode, teacher_calib_acc=calib_acc,
+                   generation_seconds=round(gen_seconds, 1), calib_size=len(calib), test_size=len(test),
+                   think_calib_size=n_both, calib_thinking_answers=n_both + len(todo),
                    think_threshold=round(policy.think.threshold, 4),
                    escalation_threshold=round(policy.escalation_threshold, 4),
                    calib_escalation_rate=policy.calibration.get("escalation", {}).get("escalation_rate"))
@@ -151,11 +178,44 @@ def calibrate_and_evaluate(student_gguf: Path, teacher_gguf: Path, tokenizer, sp
     return metrics, outputs
 
 
+def _item(p: Problem, runs: dict, i: int, teacher_mode: str | None = None) -> CalibrationItem:
+    off, on = runs["student_calib_off"][i], runs["student_calib_on"][i]
+    t = runs[f"teacher_calib_{teacher_mode}"][i] if teacher_mode else None
+    return CalibrationItem(p.question, off.correct, off.tokens, off.logprobs,
+                           on.correct if on else None, on.tokens if on else None, on.logprobs if on else None,
+                           t.correct if t else None, t.tokens if t else None)
+
+
+def escalation_check(policy: RoutingPolicy, calib: list[Problem], runs: dict[str, list[Answer]], rows: list[dict],
+                     rates=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)) -> list[dict]:
+    """How well a requested escalation rate carries over: for each rate, the threshold calibrated on the calibration
+    split (as the build does for max_escalation_rate) and the rate and routed accuracy it gives on the held-out one."""
+    from .calibrate import choose_escalation_threshold
+    esc_runs = runs[f"teacher_calib_{policy.escalate_think or 'on'}"]
+    conf, sc, st, tc, tt = [], [], [], [], []
+    for i, p in enumerate(calib):
+        a = runs[f"student_calib_{policy.decide_think(p.question).mode}"][i]
+        conf.append(policy.confidence(a.logprobs))
+        sc.append(a.correct), st.append(a.tokens), tc.append(esc_runs[i].correct), tt.append(esc_runs[i].tokens)
+    test_conf = np.array([r["confidence"] for r in rows])
+    a_c = np.array([r["adaptive_correct"] for r in rows], float)
+    t_c = np.array([r["teacher"][0] for r in rows], float)
+    out = []
+    for rate in rates:
+        cut, info = choose_escalation_threshold(conf, sc, tc, st, tt, Target(kind="max_escalation_rate", value=rate))
+        esc = test_conf < cut
+        out.append({"requested": rate, "calib_rate": round(info["escalation_rate"], 4),
+                    "test_rate": round(float(esc.mean()), 4),
+                    "test_routed_acc": round(float(np.where(esc, t_c, a_c).mean()), 4)})
+    return out
+
+
 def evaluate_policy(policy: RoutingPolicy, test: list[Problem], runs: dict[str, list[Answer]],
                     target: Target) -> tuple[dict, list[dict]]:
     """Every strategy on the held-out split, from the answers already generated (greedy, so composable)."""
     s_on, s_off = runs["student_test_on"], runs["student_test_off"]
     t_on, t_off = runs["teacher_test_on"], runs["teacher_test_off"]
+    t_esc = t_off if policy.escalate_think == "off" else t_on  # the teacher as escalation uses it
     rows, overhead = [], []
     for i, p in enumerate(test):
         t0 = time.perf_counter()
@@ -171,17 +231,20 @@ def evaluate_policy(policy: RoutingPolicy, test: list[Problem], runs: dict[str, 
                      "teacher_on": [t_on[i].correct, t_on[i].tokens, round(t_on[i].seconds, 3)],
                      "teacher_off": [t_off[i].correct, t_off[i].tokens, round(t_off[i].seconds, 3)],
                      "adaptive_correct": a.correct, "adaptive_tokens": a.tokens,
-                     "routed_correct": t_on[i].correct if esc else a.correct,
-                     "routed_tokens": a.tokens + (t_on[i].tokens if esc else 0),
-                     "routed_seconds": round(a.seconds + (t_on[i].seconds if esc else 0.0), 3),
+                     "teacher": [t_esc[i].correct, t_esc[i].tokens, round(t_esc[i].seconds, 3)],
+                     "routed_correct": t_esc[i].correct if esc else a.correct,
+                     "routed_tokens": a.tokens + (t_esc[i].tokens if esc else 0),
+                     "routed_seconds": round(a.seconds + (t_esc[i].seconds if esc else 0.0), 3),
                      "budget_hit": s_on[i].budget_hit, "student_text": a.text[-200:]})
 
     def col(key, j=None):
         return [r[key][j] if j is not None else r[key] for r in rows]
 
     m = {
-        "teacher_acc": _acc(col("teacher_on", 0)), "teacher_acc_nothink": _acc(col("teacher_off", 0)),
-        "teacher_tokens": _acc(col("teacher_on", 1)),
+        # teacher_acc: teacher only, in the mode escalation uses (its better one on calibration)
+        "teacher_acc": _acc(col("teacher", 0)), "teacher_tokens": _acc(col("teacher", 1)),
+        "teacher_acc_think": _acc(col("teacher_on", 0)), "teacher_tokens_think": _acc(col("teacher_on", 1)),
+        "teacher_acc_nothink": _acc(col("teacher_off", 0)), "teacher_tokens_nothink": _acc(col("teacher_off", 1)),
         "student_acc_think": _acc(col("student_on", 0)), "student_acc_nothink": _acc(col("student_off", 0)),
         "always_think_acc": _acc(col("student_on", 0)), "always_think_tokens": _acc(col("student_on", 1)),
         "nothink_tokens": _acc(col("student_off", 1)),
@@ -190,7 +253,8 @@ def evaluate_policy(policy: RoutingPolicy, test: list[Problem], runs: dict[str, 
         "routed_acc": _acc(col("routed_correct")), "routed_tokens": _acc(col("routed_tokens")),
         "escalation_rate": _acc(col("escalated")),
         "budget_hits": int(sum(col("budget_hit"))),
-        "latency_s": {"teacher": _acc(col("teacher_on", 2)), "student_think": _acc(col("student_on", 2)),
+        "latency_s": {"teacher": _acc(col("teacher", 2)), "teacher_think": _acc(col("teacher_on", 2)),
+                      "teacher_nothink": _acc(col("teacher_off", 2)), "student_think": _acc(col("student_on", 2)),
                       "student_nothink": _acc(col("student_off", 2)), "routed": _acc(col("routed_seconds"))},
         "policy_overhead_ms_p95": round(float(np.percentile(overhead, 95)) * 1e3, 4) if overhead else 0.0,
         "target": target.model_dump(),
@@ -198,6 +262,8 @@ def evaluate_policy(policy: RoutingPolicy, test: list[Problem], runs: dict[str, 
     if target.kind == "max_escalation_rate":
         m["target_escalation_rate"] = target.value
     m["routed_vs_teacher"] = round(m["routed_acc"] / m["teacher_acc"], 4) if m["teacher_acc"] else None
+    best = max(m["teacher_acc_think"], m["teacher_acc_nothink"])  # the better mode in hindsight, on this split
+    m["routed_vs_best_teacher"] = round(m["routed_acc"] / best, 4) if best else None
     m["adaptive_token_saving"] = round(1 - m["adaptive_tokens"] / m["always_think_tokens"], 4) \
         if m["always_think_tokens"] else None
     m["by_difficulty"] = {
@@ -220,7 +286,7 @@ def _curves(rows: list[dict]) -> dict:
                          round(float(np.where(think, on_c, off_c).mean()), 4)])
     c = np.array([r["confidence"] for r in rows])
     a_c, a_t = np.array([r["adaptive_correct"] for r in rows], float), np.array([r["adaptive_tokens"] for r in rows], float)
-    t_c, t_t = np.array([r["teacher_on"][0] for r in rows], float), np.array([r["teacher_on"][1] for r in rows], float)
+    t_c, t_t = np.array([r["teacher"][0] for r in rows], float), np.array([r["teacher"][1] for r in rows], float)
     routed = []
     for cut in np.unique(np.concatenate([c, [1.01]])):
         esc = c < cut

@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class Job:
     params: SamplingParams
     emit: Callable[[Event], None]
     cancelled: bool = False
+    admitted_at: float | None = None  # time.perf_counter() when it got a slot
+
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -207,6 +210,7 @@ class BatchEngine:
                                 key=lambda x: x[1])
             reuse = min(reuse, len(job.prompt) - 1)  # the last prompt token is always fed: its logits are needed
             self._free_ids.remove(seq_id)
+            job.admitted_at = time.perf_counter()
             self._ll.llama_memory_seq_rm(self.ctx.memory, seq_id, reuse, -1)
             self._cached[seq_id] = []
             self.reused_tokens += reuse

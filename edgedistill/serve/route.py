@@ -144,9 +144,19 @@ class Router:
         from .service import ApiError, Generation
 
         backend = self.service.fallback
-        leg = Leg(backend, think_open=run.params.think_open and getattr(backend, "prefills", False))
+        prompt, params = run.prompt, run.params
+        policy = self.service.policy
+        mode = policy.escalate_think
+        # A mode the policy chose (not the client) is the policy's to change for the large model: router.json
+        # says which mode made the teacher more accurate on calibration.
+        if run.route.think_requested == "auto" and policy.calibrated and mode is not None:
+            prompt = dataclasses.replace(prompt, prefix=PREFILL[mode])
+            params = dataclasses.replace(params, think_open=mode == "on",
+                                         think_budget=policy.think.budget if mode == "on" else None)
+            run.route.escalation_think_mode = mode
+        leg = Leg(backend, think_open=params.think_open and getattr(backend, "prefills", False))
         try:
-            return leg, Generation(backend, run.prompt, run.params, timeout_s=self.service.large_timeout_s,
+            return leg, Generation(backend, prompt, params, timeout_s=self.service.large_timeout_s,
                                    stall_timeout_s=self.service.stall_timeout_s)
         except ApiError as e:
             leg.error = e.body.error.message
@@ -363,7 +373,7 @@ def route_headers(route: RouteExplanation, *, final: bool = True) -> dict[str, s
     keys = ["think_requested", "think_source", "think_mode", "think_budget"]
     if final:
         keys += ["think_reason", "p_hard", "thinking_tokens", "budget_hit", "confidence", "threshold", "escalated",
-                 "reason", "answered_by", "models"]
+                 "escalation_think_mode", "reason", "answered_by", "models"]
     out = {}
     for k in keys:
         v = d[k]

@@ -193,6 +193,7 @@ class RouteExplanation(BaseModel):
     confidence: float | None = None
     threshold: float | None = None
     escalated: bool = False
+    escalation_think_mode: Literal["on", "off"] | None = None  # the large model's mode when router.json set it
     reason: str = ""
     answered_by: str = ""
     models: list[str] = []
