@@ -104,6 +104,8 @@ class CompressSpec(Section):
     calib_windows: int = Field(32, ge=1, le=4096, description="calibration windows (from the training text)")
     calib_seq_len: int = Field(512, ge=8, le=32768)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where each block is compressed: auto = GPU if present")
+    one_pass: bool | None = Field(None, description="sparsegpt/gptq: one block forward, each linear group compressed as "
+                                  "the forward reaches it (true sequential); default: on CPU, off on GPU")
     eval_windows: int = Field(8, ge=1, le=10_000, description="held-out windows for perplexity before/after")
 
     @model_validator(mode="after")

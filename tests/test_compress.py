@@ -411,7 +411,7 @@ def test_groups_compressed_side_by_side_match_one_by_one(tiny_model_dir, calib):
     for threads in (1, 2):
         model = _tiny(tiny_model_dir)
         _, metrics = obs_compress(model, calib, ObsConfig(sparsity=0.5, device="cpu", cpu_threads=threads,
-                                                          forward_dtype="float32"))
+                                                          forward_dtype="float32", one_pass=False))
         results.append((metrics, _block_linears(model)))
     (m1, lin1), (m2, lin2) = results
     assert m1["layers"].keys() == m2["layers"].keys() and len(m1["layers"]) == 28
@@ -420,3 +420,53 @@ def test_groups_compressed_side_by_side_match_one_by_one(tiny_model_dir, calib):
     for name in lin1:
         assert ((lin1[name].weight == 0) != (lin2[name].weight == 0)).float().mean() < 0.01, name
     assert torch.get_num_threads() >= 1
+
+
+def test_one_pass_compresses_each_group_on_the_inputs_the_compressed_block_makes(tiny_model_dir, calib):
+    """One pass ("true sequential", the CPU default): o_proj is compressed on the Hessian of what the already
+    compressed q/k/v produce — checked against doing exactly that by hand — and the block's output that feeds
+    the next block is the compressed block's."""
+    from edgedistill.compress.layerwise import capture_block_inputs
+    from edgedistill.compress.obs import HessianAccumulator, Pruning, compress_weight
+    cfg = dict(sparsity=0.5, device="cpu", forward_dtype="float32")
+    one = _tiny(tiny_model_dir)
+    _, m1 = obs_compress(one, calib, ObsConfig(**cfg, one_pass=True))
+    two = _tiny(tiny_model_dir)
+    _, m2 = obs_compress(two, calib, ObsConfig(**cfg, one_pass=False))
+    assert m1["one_pass"] and "one_pass" not in m2 and m1["layers"].keys() == m2["layers"].keys()
+    assert m1["block_linear_sparsity"] == pytest.approx(0.5, abs=0.01)
+    l1, l2 = _block_linears(one), _block_linears(two)
+    attn = "model.layers.0.self_attn."
+    for n in ("q_proj", "k_proj", "v_proj"):  # both read the embeddings: the same Hessian up to summation order
+        assert ((l1[attn + n].weight == 0) != (l2[attn + n].weight == 0)).float().mean() < 0.01
+    # By hand: block 0 with one-pass's q/k/v, its o_proj input's Hessian, the same OBS solve.
+    ref = _tiny(tiny_model_dir)
+    block = ref.model.layers[0]
+    for n in ("q_proj", "k_proj", "v_proj"):
+        getattr(block.self_attn, n).weight.data.copy_(l1[attn + n].weight)
+    inputs = capture_block_inputs(ref, calib, len(calib), torch.device("cpu"), torch.float32)
+    acc = HessianAccumulator(block.self_attn.o_proj.in_features, "cpu")
+    h = block.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: acc.add(args[0]))
+    with torch.no_grad():
+        block(inputs.hidden[0], **inputs.kwargs[0])
+    h.remove()
+    res, _ = compress_weight(block.self_attn.o_proj.weight.data.float(), acc.H, "o_proj", pruning=Pruning(sparsity=0.5),
+                             damp=0.01, segments=[(0, block.self_attn.o_proj.out_features)])
+    assert torch.allclose(res.weight, l1[attn + "o_proj"].weight, atol=1e-5)
+    assert not torch.allclose(l2[attn + "o_proj"].weight, l1[attn + "o_proj"].weight, atol=1e-3)
+
+
+def test_one_pass_gptq_codes_and_sparsegpt_nm(tiny_model_dir, calib):
+    """The one-pass path serves every shape-keeping method: GPTQ codes equal the weights they replace, 2:4 masks."""
+    from edgedistill.compress.grids import dequantize
+    model = _tiny(tiny_model_dir)
+    codes, _ = obs_compress(model, calib, ObsConfig(grid="q4_0", one_pass=True))
+    lin = _block_linears(model)
+    assert len(codes) == len(lin)
+    for name, c in codes.items():
+        assert torch.equal(dequantize(c).to(lin[name.removesuffix(".weight")].weight.dtype),
+                           lin[name.removesuffix(".weight")].weight.data), name
+    model = _tiny(tiny_model_dir)
+    obs_compress(model, calib, ObsConfig(pattern="2:4", one_pass=True))
+    for name, mod in _block_linears(model).items():
+        assert ((mod.weight == 0).reshape(mod.out_features, -1, 4).sum(-1) >= 2).all(), name

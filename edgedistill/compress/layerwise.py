@@ -173,15 +173,22 @@ CompressGroup = Callable[[int, InputGroup, dict[str, torch.nn.Linear]], dict]
 @torch.no_grad()
 def compress_layerwise(model, windows: list[list[int]], compress_group: CompressGroup, *, device="cpu",
                        forward_dtype=torch.bfloat16, batch_size: int = 8, label: str = "compress",
-                       cpu_threads: int = 1) -> dict:
+                       cpu_threads: int = 1, one_pass: bool = False) -> dict:
     """Calibrate and compress every block in turn. `compress_group(block_index, group, linears)` rewrites the
     fp32 weights of the group's linears in place and returns per-linear metrics.
 
     On CPU everything runs on `cpu_threads` threads. One is the default because on the shared 2-core build
     machine a 2-thread pool made block forwards 2.5-6× and LAPACK factorisations up to 100× slower (threads
-    spin at barriers while the other core is busy); on an idle machine pass the core count."""
+    spin at barriers while the other core is busy); on an idle machine pass the core count.
+
+    `one_pass` ("true sequential"): each block runs once, on all calibration windows as one batch, and each
+    group of linears is compressed when the forward reaches it (a pre-hook), so later linears see the inputs
+    the compressed earlier ones make and the block's output is already the compressed block's: one block
+    forward instead of two. Only for methods that keep the weights' shapes (SparseGPT, GPTQ)."""
     device = torch.device(device)
     with sweep_threads(device, cpu_threads):
+        if one_pass:
+            return _compress_one_pass(model, windows, compress_group, device, forward_dtype, label)
         return _compress_layerwise(model, windows, compress_group, device, forward_dtype, batch_size, label)
 
 
@@ -236,3 +243,139 @@ def _compress_layerwise(model, windows, compress_group, device, forward_dtype, b
             block.to(home)
             bar.advance()
     return {"layers": per_layer, "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+
+
+def discover_groups(block, inputs: BlockInputs, linears: dict[str, torch.nn.Linear]) -> list[list[str]]:
+    """The block's linears in call order, grouped by the input tensor they read (q/k/v, gate/up): one forward on the
+    first calibration batch, stopped when every linear has been called."""
+    order: list[str] = []
+    seen: dict[str, torch.Tensor] = {}
+    groups: dict[str, list[str]] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            order.append(name)
+            same = next((n for n in order[:-1] if seen[n] is x), None)
+            seen[name] = x
+            if same is None:
+                groups[name] = [name]
+            else:
+                lead = next(k for k, v in groups.items() if same in v)
+                groups[lead].append(name)
+            if len(order) == len(linears):
+                raise _Captured
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in linears.items()]
+    try:
+        block(inputs.hidden[0], **inputs.kwargs[0])
+    except _Captured:
+        pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    missing = sorted(set(linears) - set(order))
+    if missing:
+        raise CompressError(f"linears {missing} never ran in the block's forward pass; they cannot be calibrated.")
+    return list(groups.values())
+
+
+def _compress_split(compress_group: CompressGroup, i: int, group: InputGroup, linears, device) -> dict:
+    """One group; on a multi-thread CPU pool its linears in two halves side by side, one thread each. Each linear is
+    its own segment of the stacked weight (its own mask threshold, rows swept independently on the shared inverse
+    Hessian), so halves give what the stack gives, and the one pass does not leave a core idle during the sweeps."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return compress_group(i, group, linears)
+    if len(group.names) < 2:  # nothing to run beside it: the factorisation and the sweep get every thread
+        from .obs import wide_sweeps
+        with wide_sweeps(threads):
+            return compress_group(i, group, linears)
+    from concurrent.futures import ThreadPoolExecutor
+    halves: list[list[str]] = [[], []]
+    rows = [0, 0]
+    for n in sorted(group.names, key=lambda n: -linears[n].weight.numel()):  # greedy balance by size
+        k = rows.index(min(rows))
+        halves[k].append(n)
+        rows[k] += linears[n].weight.numel()
+    group.hessian.H  # mirror the triangle once, before the threads read it
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            parts = [pool.submit(compress_group, i, InputGroup([n for n in group.names if n in h], group.hessian),
+                                 linears) for h in halves]
+            out: dict = {}
+            for f in parts:
+                out.update(f.result())
+            return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compress_one_pass(model, windows, compress_group, device, forward_dtype, label) -> dict:
+    from .obs import HessianAccumulator
+    blocks = decoder_blocks(model)
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(model, windows, len(windows), device, forward_dtype)  # one batch: every window
+    timings = {"capture_s": time.perf_counter() - t0, "hessian_s": 0.0, "sweep_s": 0.0, "forward_s": 0.0}
+    per_layer: dict[str, dict] = {}
+    structure: list[list[str]] | None = None
+    with progress_bar(label, total=len(blocks)) as bar:
+        for i, block in enumerate(blocks):
+            home = next(block.parameters()).device
+            block.to(device)
+            runner = copy.deepcopy(block).to(forward_dtype) if forward_dtype != torch.float32 else block
+            linears = block_linears(block, f"layers.{i}")
+            run_linears = block_linears(runner, f"layers.{i}")
+            t_block = time.perf_counter()
+            if structure is None or set(n for g in structure for n in g) != set(linears):
+                structure = discover_groups(runner, inputs, run_linears)  # blocks share it; checked below
+            leader_of = {n: g[0] for g in structure for n in g}
+            members = {g[0]: g for g in structure}
+            fed: dict[str, torch.Tensor] = {}
+            spent = [0.0, 0.0]  # hessian, sweep seconds inside this forward
+
+            def hook(name):
+                def fn(module, args):
+                    x = args[0]
+                    lead = leader_of[name]
+                    if name != lead:
+                        if fed.get(lead) is not x:
+                            raise CompressError(f"layers.{i}.{name} does not read the same input as "
+                                                f"layers.{i}.{lead} here, unlike the first block; compress this "
+                                                f"model with one_pass off.")
+                        return
+                    fed[name] = x
+                    t = time.perf_counter()
+                    group = InputGroup(list(members[name]), HessianAccumulator(x.shape[-1], device))
+                    group.hessian.add(x)
+                    t1 = time.perf_counter()
+                    for n, m in _compress_split(compress_group, i, group, linears, device).items():
+                        per_layer[f"layers.{i}.{n}"] = m
+                    for n in group.names:  # the rest of this forward runs through the compressed weights
+                        run_linears[n].weight.data.copy_(linears[n].weight.data.to(run_linears[n].weight.dtype))
+                    del group.hessian
+                    spent[0] += t1 - t
+                    spent[1] += time.perf_counter() - t1
+                return fn
+
+            handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in run_linears.items()]
+            try:
+                outs = _run_block(runner, inputs, keep_outputs=i + 1 < len(blocks))
+            finally:
+                for hd in handles:
+                    hd.remove()
+            done = {n for g in structure for n in g if f"layers.{i}.{n}" in per_layer}
+            if done != set(linears):
+                raise CompressError(f"layers.{i}: linears {sorted(set(linears) - done)} were not reached in the "
+                                    f"block's forward pass; they cannot be calibrated.")
+            if outs:
+                inputs.hidden = outs
+            timings["hessian_s"] += spent[0]
+            timings["sweep_s"] += spent[1]
+            timings["forward_s"] += time.perf_counter() - t_block - spent[0] - spent[1]
+            del runner
+            block.to(home)
+            bar.advance()
+    return {"layers": per_layer, "timings_s": {k: round(v, 2) for k, v in timings.items()}, "one_pass": True}

@@ -32,6 +32,7 @@ class ObsConfig:
     forward_dtype: str = "bfloat16"
     batch_size: int = 8
     cpu_threads: int = 1                  # see layerwise.compress_layerwise
+    one_pass: bool | None = None          # one block forward, groups compressed as it reaches them (None: on CPU)
     sparsity_profile: str = "uniform"     # uniform | owl: per-block sparsity from outlier ratios (compress/owl.py)
     owl_threshold: float = 5.0            # OWL's M: an outlier's |W|·‖X‖ exceeds M × its block's mean
     owl_lambda: float = 0.08              # OWL's λ: block sparsities lie in [sparsity − λ, sparsity + λ]
@@ -97,8 +98,11 @@ def obs_compress(model, windows: list[list[int]], cfg: ObsConfig) -> tuple[dict[
             out[n] = metrics
         return out
 
+    # One pass on CPU by default: all windows in one batch costs memory a GPU may lack (attention over
+    # N × seqlen), and the GPU path's timings (bench/obs_vs_reference.py) were measured two-pass.
+    one_pass = device.type == "cpu" if cfg.one_pass is None else cfg.one_pass
     result = compress_layerwise(model, windows, compress_group, device=device, forward_dtype=dtype,
-                                batch_size=cfg.batch_size, cpu_threads=cfg.cpu_threads)
+                                batch_size=cfg.batch_size, cpu_threads=cfg.cpu_threads, one_pass=one_pass)
     errs = [m["rel_error"] for m in result["layers"].values()]
     total = zero = 0
     for blk in decoder_blocks(model):

@@ -73,7 +73,7 @@ def compress_model(model_dir: str | Path, out_dir: Path, spec, tokenizer, calib:
                         pattern=spec.pattern if spec.method == "sparsegpt" else "unstructured",
                         grid=grid, act_order=spec.act_order, damp=spec.damp, blocksize=spec.blocksize,
                         device=spec.device, sparsity_profile=spec.sparsity_profile,
-                        owl_threshold=spec.owl_threshold, owl_lambda=spec.owl_lambda)
+                        owl_threshold=spec.owl_threshold, owl_lambda=spec.owl_lambda, one_pass=spec.one_pass)
         codes, metrics = obs_compress(model, calib, cfg)
     elif spec.method == "structured":
         from .structured import structured_prune
