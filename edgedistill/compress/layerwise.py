@@ -12,10 +12,11 @@ reference's fp16 model); Hessians and the weights being compressed stay fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -118,6 +119,23 @@ class InputGroup:
     extra: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _pre_hooks(linears: dict[str, torch.nn.Linear], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """A forward pre-hook `make_hook(name)` on every linear while the block runs."""
+    handles = [mod.register_forward_pre_hook(make_hook(n)) for n, mod in linears.items()]
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def _check_all_ran(linears: dict[str, torch.nn.Linear], ran) -> None:
+    missing = sorted(set(linears) - set(ran))
+    if missing:
+        raise CompressError(f"linears {missing} never ran in the block's forward pass; they cannot be calibrated.")
+
+
 @torch.no_grad()
 def collect_hessians(block, inputs: BlockInputs, linears: dict[str, torch.nn.Linear], device) -> list[InputGroup]:
     """One pass over the calibration batches; linears fed the identical tensor are grouped on one Hessian."""
@@ -148,8 +166,7 @@ def collect_hessians(block, inputs: BlockInputs, linears: dict[str, torch.nn.Lin
                 raise _Captured  # the rest of the block (down_proj's product, the residual) feeds no Hessian
         return fn
 
-    handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in linears.items()]
-    try:
+    with _pre_hooks(linears, hook):
         for h, kw in zip(inputs.hidden, inputs.kwargs):
             try:
                 out = block(h, **kw)
@@ -158,12 +175,7 @@ def collect_hessians(block, inputs: BlockInputs, linears: dict[str, torch.nn.Lin
                 pass
             first_batch[0] = False
             seen.clear()
-    finally:
-        for hd in handles:
-            hd.remove()
-    missing = sorted(set(linears) - set(order))
-    if missing:
-        raise CompressError(f"linears {missing} never ran in the block's forward pass; they cannot be calibrated.")
+    _check_all_ran(linears, order)
     return list(groups.values())
 
 
@@ -211,37 +223,46 @@ def _compress_groups(compress_group: CompressGroup, i: int, groups: list[InputGr
         torch.set_num_threads(threads)
 
 
-def _compress_layerwise(model, windows, compress_group, device, forward_dtype, batch_size, label) -> dict:
+def _walk_blocks(model, windows, batch_size, device, forward_dtype, label, timings: dict):
+    """Capture block 0's inputs (in batches of `batch_size` windows), then per block: yield (index, count, block,
+    its copy in `forward_dtype`, the inputs) with the block on `device`; it goes home when the caller moves on."""
     blocks = decoder_blocks(model)
     t0 = time.perf_counter()
     inputs = capture_block_inputs(model, windows, batch_size, device, forward_dtype)
-    timings = {"capture_s": time.perf_counter() - t0, "hessian_s": 0.0, "sweep_s": 0.0, "forward_s": 0.0}
-    per_layer: dict[str, dict] = {}
+    timings.update(capture_s=time.perf_counter() - t0, hessian_s=0.0, sweep_s=0.0, forward_s=0.0)
     with progress_bar(label, total=len(blocks)) as bar:
         for i, block in enumerate(blocks):
             home = next(block.parameters()).device
             block.to(device)
             runner = copy.deepcopy(block).to(forward_dtype) if forward_dtype != torch.float32 else block
-            linears = block_linears(block, f"layers.{i}")
-            t = time.perf_counter()
-            groups = collect_hessians(runner, inputs, block_linears(runner, f"layers.{i}"), device)
-            timings["hessian_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for g, metrics in zip(groups, _compress_groups(compress_group, i, groups, linears, device)):
-                for name, m in metrics.items():
-                    per_layer[f"layers.{i}.{name}"] = m
-                del g.hessian
-            timings["sweep_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if i + 1 < len(blocks):  # the last block's outputs feed no Hessian
-                if runner is not block:
-                    del runner
-                    runner = copy.deepcopy(block).to(forward_dtype)
-                inputs.hidden = _run_block(runner, inputs, keep_outputs=True)
-            timings["forward_s"] += time.perf_counter() - t
+            yield i, len(blocks), block, runner, inputs
             del runner
             block.to(home)
             bar.advance()
+
+
+def _compress_layerwise(model, windows, compress_group, device, forward_dtype, batch_size, label) -> dict:
+    timings: dict[str, float] = {}
+    per_layer: dict[str, dict] = {}
+    for i, n_blocks, block, runner, inputs in _walk_blocks(model, windows, batch_size, device, forward_dtype, label,
+                                                            timings):
+        linears = block_linears(block, f"layers.{i}")
+        t = time.perf_counter()
+        groups = collect_hessians(runner, inputs, block_linears(runner, f"layers.{i}"), device)
+        timings["hessian_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for g, metrics in zip(groups, _compress_groups(compress_group, i, groups, linears, device)):
+            for name, m in metrics.items():
+                per_layer[f"layers.{i}.{name}"] = m
+            del g.hessian
+        timings["sweep_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if i + 1 < n_blocks:  # the last block's outputs feed no Hessian
+            # the compressed weights, in the forward dtype
+            runner = copy.deepcopy(block).to(forward_dtype) if runner is not block else block
+            inputs.hidden = _run_block(runner, inputs, keep_outputs=True)
+        del runner
+        timings["forward_s"] += time.perf_counter() - t
     return {"layers": per_layer, "timings_s": {k: round(v, 2) for k, v in timings.items()}}
 
 
@@ -267,17 +288,12 @@ def discover_groups(block, inputs: BlockInputs, linears: dict[str, torch.nn.Line
                 raise _Captured
         return fn
 
-    handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in linears.items()]
-    try:
-        block(inputs.hidden[0], **inputs.kwargs[0])
-    except _Captured:
-        pass
-    finally:
-        for hd in handles:
-            hd.remove()
-    missing = sorted(set(linears) - set(order))
-    if missing:
-        raise CompressError(f"linears {missing} never ran in the block's forward pass; they cannot be calibrated.")
+    with _pre_hooks(linears, hook):
+        try:
+            block(inputs.hidden[0], **inputs.kwargs[0])
+        except _Captured:
+            pass
+    _check_all_ran(linears, order)
     return list(groups.values())
 
 
@@ -315,67 +331,52 @@ def _compress_split(compress_group: CompressGroup, i: int, group: InputGroup, li
 
 def _compress_one_pass(model, windows, compress_group, device, forward_dtype, label) -> dict:
     from .obs import HessianAccumulator
-    blocks = decoder_blocks(model)
-    t0 = time.perf_counter()
-    inputs = capture_block_inputs(model, windows, len(windows), device, forward_dtype)  # one batch: every window
-    timings = {"capture_s": time.perf_counter() - t0, "hessian_s": 0.0, "sweep_s": 0.0, "forward_s": 0.0}
+    timings: dict[str, float] = {}
     per_layer: dict[str, dict] = {}
     structure: list[list[str]] | None = None
-    with progress_bar(label, total=len(blocks)) as bar:
-        for i, block in enumerate(blocks):
-            home = next(block.parameters()).device
-            block.to(device)
-            runner = copy.deepcopy(block).to(forward_dtype) if forward_dtype != torch.float32 else block
-            linears = block_linears(block, f"layers.{i}")
-            run_linears = block_linears(runner, f"layers.{i}")
-            t_block = time.perf_counter()
-            if structure is None or set(n for g in structure for n in g) != set(linears):
-                structure = discover_groups(runner, inputs, run_linears)  # blocks share it; checked below
-            leader_of = {n: g[0] for g in structure for n in g}
-            members = {g[0]: g for g in structure}
-            fed: dict[str, torch.Tensor] = {}
-            spent = [0.0, 0.0]  # hessian, sweep seconds inside this forward
+    # one batch: every window
+    for i, n_blocks, block, runner, inputs in _walk_blocks(model, windows, len(windows), device, forward_dtype, label,
+                                                            timings):
+        linears = block_linears(block, f"layers.{i}")
+        run_linears = block_linears(runner, f"layers.{i}")
+        t_block = time.perf_counter()
+        if structure is None or set(n for g in structure for n in g) != set(linears):
+            structure = discover_groups(runner, inputs, run_linears)  # blocks share it; checked below
+        leader_of = {n: g[0] for g in structure for n in g}
+        members = {g[0]: g for g in structure}
+        fed: dict[str, torch.Tensor] = {}
+        spent = [0.0, 0.0]  # hessian, sweep seconds inside this forward
 
-            def hook(name):
-                def fn(module, args):
-                    x = args[0]
-                    lead = leader_of[name]
-                    if name != lead:
-                        if fed.get(lead) is not x:
-                            raise CompressError(f"layers.{i}.{name} does not read the same input as "
-                                                f"layers.{i}.{lead} here, unlike the first block; compress this "
-                                                f"model with one_pass off.")
-                        return
-                    fed[name] = x
-                    t = time.perf_counter()
-                    group = InputGroup(list(members[name]), HessianAccumulator(x.shape[-1], device))
-                    group.hessian.add(x)
-                    t1 = time.perf_counter()
-                    for n, m in _compress_split(compress_group, i, group, linears, device).items():
-                        per_layer[f"layers.{i}.{n}"] = m
-                    for n in group.names:  # the rest of this forward runs through the compressed weights
-                        run_linears[n].weight.data.copy_(linears[n].weight.data.to(run_linears[n].weight.dtype))
-                    del group.hessian
-                    spent[0] += t1 - t
-                    spent[1] += time.perf_counter() - t1
-                return fn
+        def hook(name):
+            def fn(module, args):
+                x = args[0]
+                lead = leader_of[name]
+                if name != lead:
+                    if fed.get(lead) is not x:
+                        raise CompressError(f"layers.{i}.{name} does not read the same input as "
+                                            f"layers.{i}.{lead} here, unlike the first block; compress this "
+                                            f"model with one_pass off.")
+                    return
+                fed[name] = x
+                t = time.perf_counter()
+                group = InputGroup(list(members[name]), HessianAccumulator(x.shape[-1], device))
+                group.hessian.add(x)
+                t1 = time.perf_counter()
+                for n, m in _compress_split(compress_group, i, group, linears, device).items():
+                    per_layer[f"layers.{i}.{n}"] = m
+                for n in group.names:  # the rest of this forward runs through the compressed weights
+                    run_linears[n].weight.data.copy_(linears[n].weight.data.to(run_linears[n].weight.dtype))
+                del group.hessian
+                spent[0] += t1 - t
+                spent[1] += time.perf_counter() - t1
+            return fn
 
-            handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in run_linears.items()]
-            try:
-                outs = _run_block(runner, inputs, keep_outputs=i + 1 < len(blocks))
-            finally:
-                for hd in handles:
-                    hd.remove()
-            done = {n for g in structure for n in g if f"layers.{i}.{n}" in per_layer}
-            if done != set(linears):
-                raise CompressError(f"layers.{i}: linears {sorted(set(linears) - done)} were not reached in the "
-                                    f"block's forward pass; they cannot be calibrated.")
-            if outs:
-                inputs.hidden = outs
-            timings["hessian_s"] += spent[0]
-            timings["sweep_s"] += spent[1]
-            timings["forward_s"] += time.perf_counter() - t_block - spent[0] - spent[1]
-            del runner
-            block.to(home)
-            bar.advance()
+        with _pre_hooks(run_linears, hook):
+            outs = _run_block(runner, inputs, keep_outputs=i + 1 < n_blocks)
+        _check_all_ran(linears, [n for n in linears if f"layers.{i}.{n}" in per_layer])
+        if outs:
+            inputs.hidden = outs
+        timings["hessian_s"] += spent[0]
+        timings["sweep_s"] += spent[1]
+        timings["forward_s"] += time.perf_counter() - t_block - spent[0] - spent[1]
     return {"layers": per_layer, "timings_s": {k: round(v, 2) for k, v in timings.items()}, "one_pass": True}
