@@ -149,7 +149,9 @@ class Router:
         mode = policy.escalate_think
         # A mode the policy chose (not the client) is the policy's to change for the large model: router.json
         # says which mode made the teacher more accurate on calibration.
-        if run.route.think_requested == "auto" and policy.calibrated and mode is not None:
+        # A remote endpoint takes no assistant prefix (its own template decides), so there is nothing to set.
+        if run.route.think_requested == "auto" and policy.calibrated and mode is not None and \
+                getattr(backend, "prefills", False):
             prompt = dataclasses.replace(prompt, prefix=PREFILL[mode])
             params = dataclasses.replace(params, think_open=mode == "on",
                                          think_budget=policy.think.budget if mode == "on" else None)
