@@ -261,11 +261,13 @@ class Recipe(Section):
         r.eval.windows = min(r.eval.windows, 8)
         r.compress.calib_windows = min(r.compress.calib_windows, 8)
         r.data.max_chars = min(r.data.max_chars, 600_000)
-        r.routing.teacher_steps = min(r.routing.teacher_steps, 10)
-        r.routing.student_steps = min(r.routing.student_steps, 10)
-        r.routing.calib_size = min(r.routing.calib_size, 60)
-        r.routing.think_calib_size = min(r.routing.think_calib_size, 30)
-        r.routing.test_size = min(r.routing.test_size, 40)
+        r.routing.teacher_steps = min(r.routing.teacher_steps, 6)
+        r.routing.student_steps = min(r.routing.student_steps, 6)
+        r.routing.train_size = min(r.routing.train_size, 100)
+        r.routing.calib_size = min(r.routing.calib_size, 48)
+        r.routing.think_calib_size = min(r.routing.think_calib_size, 24)
+        r.routing.test_size = min(r.routing.test_size, 32)
+        r.routing.think_budget = min(r.routing.think_budget, 64)
         return r
 
 
