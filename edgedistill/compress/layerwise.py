@@ -204,6 +204,22 @@ def compress_layerwise(model, windows: list[list[int]], compress_group: Compress
         return _compress_layerwise(model, windows, compress_group, device, forward_dtype, batch_size, label)
 
 
+def _one_thread_each(compress_group: CompressGroup, i: int, groups: list[InputGroup], linears,
+                     workers: int) -> list[dict]:
+    """The groups compressed side by side on `workers` threads of one intra-op thread each (largest first, so the
+    short ones fill in behind it); results in the groups' order."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            order = sorted(range(len(groups)), key=lambda k: -sum(linears[n].weight.numel() for n in groups[k].names))
+            futures = {k: pool.submit(compress_group, i, groups[k], linears) for k in order}
+            return [futures[k].result() for k in range(len(groups))]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _compress_groups(compress_group: CompressGroup, i: int, groups: list[InputGroup], linears, device) -> list[dict]:
     """Each group's compression, in order. On a multi-thread CPU pool the groups run side by side, one thread each:
     a sweep is many small ops that a shared intra-op pool slows down (see obs.sweep_threads), while independent
@@ -211,16 +227,7 @@ def _compress_groups(compress_group: CompressGroup, i: int, groups: list[InputGr
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or len(groups) < 2:
         return [compress_group(i, g, linears) for g in groups]
-    from concurrent.futures import ThreadPoolExecutor
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=min(threads, len(groups))) as pool:
-            # largest first (rows × columns of the stacked weight), so the short ones fill in behind it
-            order = sorted(range(len(groups)), key=lambda k: -sum(linears[n].weight.numel() for n in groups[k].names))
-            futures = {k: pool.submit(compress_group, i, groups[k], linears) for k in order}
-            return [futures[k].result() for k in range(len(groups))]
-    finally:
-        torch.set_num_threads(threads)
+    return _one_thread_each(compress_group, i, groups, linears, min(threads, len(groups)))
 
 
 def _walk_blocks(model, windows, batch_size, device, forward_dtype, label, timings: dict):
@@ -308,7 +315,6 @@ def _compress_split(compress_group: CompressGroup, i: int, group: InputGroup, li
         from .obs import wide_sweeps
         with wide_sweeps(threads):
             return compress_group(i, group, linears)
-    from concurrent.futures import ThreadPoolExecutor
     halves: list[list[str]] = [[], []]
     rows = [0, 0]
     for n in sorted(group.names, key=lambda n: -linears[n].weight.numel()):  # greedy balance by size
@@ -316,17 +322,11 @@ def _compress_split(compress_group: CompressGroup, i: int, group: InputGroup, li
         halves[k].append(n)
         rows[k] += linears[n].weight.numel()
     group.hessian.H  # mirror the triangle once, before the threads read it
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            parts = [pool.submit(compress_group, i, InputGroup([n for n in group.names if n in h], group.hessian),
-                                 linears) for h in halves]
-            out: dict = {}
-            for f in parts:
-                out.update(f.result())
-            return out
-    finally:
-        torch.set_num_threads(threads)
+    parts = [InputGroup([n for n in group.names if n in h], group.hessian) for h in halves]
+    out: dict = {}
+    for metrics in _one_thread_each(compress_group, i, parts, linears, 2):
+        out.update(metrics)
+    return out
 
 
 def _compress_one_pass(model, windows, compress_group, device, forward_dtype, label) -> dict:

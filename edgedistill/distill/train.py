@@ -29,7 +29,6 @@ CHECKPOINT = "checkpoint.pt"
 QAT_DIR = "qat"  # holds the grid codes of a quantize-aware student
 
 
-
 def native_bf16() -> bool:
     """A CUDA GPU with bf16, or a CPU that computes bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
     import torch
@@ -40,6 +39,7 @@ def native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
 
 @dataclass
 class KDConfig:

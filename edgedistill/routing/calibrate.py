@@ -124,17 +124,23 @@ def fit_think(items: list[CalibrationItem], *, max_acc_loss: float = 0.01, think
                          calibration={"think": think_info})
 
 
-def fit_escalation(policy: RoutingPolicy, items: list[CalibrationItem], target: Target | None) -> RoutingPolicy:
-    """The second half: the confidence map and the escalation threshold, on the answers the adaptive policy gives
-    (what serving will see). Every item the policy sends to thinking must have its thinking answer."""
-    chose = np.array([policy.decide_think(it.prompt).mode == "on" for it in items])
+def adaptive_answers(policy: RoutingPolicy, items: list[CalibrationItem]) -> tuple[list, np.ndarray, np.ndarray]:
+    """Per item, the student's answer in the mode the policy picks: (log-probs, correct, tokens)."""
+    chose = [policy.decide_think(it.prompt).mode == "on" for it in items]
     missing = [i for i, (it, t) in enumerate(zip(items, chose)) if t and it.think_correct is None]
     if missing:
         raise RoutingError(f"calibration items {missing[:5]} go to thinking but have no thinking answer.")
-    low_quantile = policy.confidence_map.low_quantile
     logprobs = [it.think_logprobs if t else it.nothink_logprobs for it, t in zip(items, chose)]
     correct = np.array([it.think_correct if t else it.nothink_correct for it, t in zip(items, chose)], float)
     tokens = np.array([it.think_tokens if t else it.nothink_tokens for it, t in zip(items, chose)], float)
+    return logprobs, correct, tokens
+
+
+def fit_escalation(policy: RoutingPolicy, items: list[CalibrationItem], target: Target | None) -> RoutingPolicy:
+    """The second half: the confidence map and the escalation threshold, on the answers the adaptive policy gives
+    (what serving will see). Every item the policy sends to thinking must have its thinking answer."""
+    low_quantile = policy.confidence_map.low_quantile
+    logprobs, correct, tokens = adaptive_answers(policy, items)
     stats = np.stack([policy.logprob_stats(lp) if len(lp) else np.array([-100.0] * 3) for lp in logprobs])
     conf_clf = fit_logistic(stats, correct)
     # Fold the standardisation into the weights so serving needs no feature scaling.

@@ -158,7 +158,7 @@ def calibrate_and_evaluate(student_gguf: Path, teacher_gguf: Path, tokenizer, sp
     policy = RoutingPolicy.load(out_dir / ROUTER_FILE)  # evaluate exactly what was written
 
     metrics, rows = evaluate_policy(policy, test, runs, target)
-    metrics["escalation_calibration"] = escalation_check(policy, calib, runs, rows)
+    metrics["escalation_calibration"] = escalation_check(policy, items, rows)
     metrics.update(generation_backend=f"llama.cpp: {Path(student_gguf).name} (student), {Path(teacher_gguf).name} "
                                       f"(adapted teacher); greedy, the serving engine's continuous batching "
                                       f"({spec.slots} slots, {threads} threads)",
@@ -186,17 +186,14 @@ def _item(p: Problem, runs: dict, i: int, teacher_mode: str | None = None) -> Ca
                            t.correct if t else None, t.tokens if t else None)
 
 
-def escalation_check(policy: RoutingPolicy, calib: list[Problem], runs: dict[str, list[Answer]], rows: list[dict],
+def escalation_check(policy: RoutingPolicy, items: list[CalibrationItem], rows: list[dict],
                      rates=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)) -> list[dict]:
     """How well a requested escalation rate carries over: for each rate, the threshold calibrated on the calibration
     split (as the build does for max_escalation_rate) and the rate and routed accuracy it gives on the held-out one."""
-    from .calibrate import choose_escalation_threshold
-    esc_runs = runs[f"teacher_calib_{policy.escalate_think or 'on'}"]
-    conf, sc, st, tc, tt = [], [], [], [], []
-    for i, p in enumerate(calib):
-        a = runs[f"student_calib_{policy.decide_think(p.question).mode}"][i]
-        conf.append(policy.confidence(a.logprobs))
-        sc.append(a.correct), st.append(a.tokens), tc.append(esc_runs[i].correct), tt.append(esc_runs[i].tokens)
+    from .calibrate import adaptive_answers, choose_escalation_threshold
+    logprobs, sc, st = adaptive_answers(policy, items)
+    conf = [policy.confidence(lp) for lp in logprobs]
+    tc, tt = [it.teacher_correct for it in items], [it.teacher_tokens for it in items]
     test_conf = np.array([r["confidence"] for r in rows])
     a_c = np.array([r["adaptive_correct"] for r in rows], float)
     t_c = np.array([r["teacher"][0] for r in rows], float)
