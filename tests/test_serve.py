@@ -207,6 +207,39 @@ def test_engine_runs_sequences_together_and_cancel_frees_the_slot(build_dir):
         backend.close()
 
 
+def test_engine_feeds_each_batch_in_sequence_id_order(build_dir):
+    """With one KV stream per slot, llama.cpp splits a batch into micro-batches of consecutive sequence ids: a
+    slot refilled while others run must still go into the batch in id order, or every step costs extra passes."""
+    import llama_cpp
+
+    backend = LlamaCppBackend(pick_gguf(build_dir), slots=4, ctx_per_slot=256, n_threads=1)
+    engine = backend.engine
+    batches = []
+
+    class Recording:  # the real bindings, with each decode's sequence ids noted
+        def __getattr__(self, name):
+            return getattr(llama_cpp, name)
+
+        def llama_decode(self, ctx, b):
+            batches.append([b.seq_id[i][0] for i in range(b.n_tokens)])
+            return llama_cpp.llama_decode(ctx, b)
+    engine._ll = Recording()
+    try:
+        prompt = backend.render(Prompt(messages=tuple(USER)))
+        done = threading.Semaphore(0)
+        # The short first job frees slot 0 while the others run; the fifth and sixth jobs take freed slots.
+        lengths = [3, 30, 30, 30, 8, 30]
+        for n in lengths:
+            engine.submit(prompt, SamplingParams(max_tokens=n, temperature=0.0, stop=("\x00",)),
+                          lambda ev: None if isinstance(ev, Delta) else done.release())
+        for _ in lengths:
+            assert done.acquire(timeout=60)
+    finally:
+        backend.close()
+    assert any(len(set(ids)) == 4 and ids[0] == 0 for ids in batches[5:])  # a refilled slot 0 beside the others
+    assert all(ids == sorted(ids) for ids in batches), [ids for ids in batches if ids != sorted(ids)][:3]
+
+
 # ---------------------------------------------------------------- bad requests
 @pytest.mark.parametrize("kw, param", [
     (dict(messages=[]), "messages"),

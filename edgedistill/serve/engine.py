@@ -246,20 +246,30 @@ class BatchEngine:
                 wants_logits.append((s, n))
             n += 1
 
-        # Running sequences first (one token each), then prompt chunks in admission order, so a long
-        # prompt never stalls the streams already going.
+        # What each sequence feeds this step: running sequences first (one token each, plus any inserted
+        # stop-thinking tokens), then prompt chunks in admission order, so a long prompt never stalls the
+        # streams already going.
+        feed: dict[_Sequence, list[tuple[int, bool]]] = {}
+        budget = self.n_batch
         for s in self._running:
-            if not s.prefilling and s.next_token is not None and n + 1 + len(s.inserted) <= self.n_batch:
-                tail, s.inserted = s.inserted, []
-                add(s, s.next_token, not tail)
-                for k, token in enumerate(tail):
-                    add(s, token, k == len(tail) - 1)
-                s.next_token = None
+            if not s.prefilling and s.next_token is not None and 1 + len(s.inserted) <= budget:
+                tokens = [s.next_token] + s.inserted
+                s.inserted, s.next_token = [], None
+                feed[s] = [(t, k == len(tokens) - 1) for k, t in enumerate(tokens)]
+                budget -= len(tokens)
         for s in self._running:
-            while s.prefilling and n < self.n_batch:
-                last = s.fed == len(s.job.prompt) - 1
-                add(s, s.job.prompt[s.fed], last)
-                s.fed += 1
+            if s.prefilling and budget > 0:
+                chunk = s.job.prompt[s.fed:s.fed + budget]
+                feed[s] = [(t, s.fed + k == len(s.job.prompt) - 1) for k, t in enumerate(chunk)]
+                s.fed += len(chunk)
+                budget -= len(chunk)
+        # Into the batch in sequence-id order: with one KV stream per slot llama.cpp cuts a batch into
+        # micro-batches of *consecutive* sequence ids (split_equal, sequential), one pass over the weights
+        # each. In admission order every out-of-order id started a new pass: 16 decodes cost 77 ms instead
+        # of 43 ms (SmolLM2 student, Q8_0, 2 cores).
+        for s in sorted(feed, key=lambda s: s.seq_id):
+            for token, logits in feed[s]:
+                add(s, token, logits)
         b.n_tokens = n
         if n == 0:
             return
