@@ -70,7 +70,7 @@ class DistillSpec(Section):
     sequence_kd_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of batches the teacher generates")
     max_new_tokens: int = Field(64, ge=1, le=8192)
     quantize_aware: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="train through this GGUF grid (QAT)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the device computes bf16 natively (GPU; AMX or AVX512-BF16 CPU), else fp32")
     compile: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = Field(0, ge=0, description="held-out perplexity and KL every N steps (0: off)")
@@ -194,7 +194,7 @@ class RoutingSpec(Section):
     seq_len: int = Field(256, ge=32, le=32768, description="longest hybrid sample (tokens)")
     think_budget: int = Field(128, ge=1, le=32768, description="max thinking tokens in evaluation and in router.json")
     teacher_mode: Literal["auto", "on", "off"] = Field(
-        "auto", description="the large model's think mode on escalation; auto: its more accurate one on calibration")
+        "auto", description="the large model's think mode on escalation; auto: thinking only where its gain on calibration beats think_max_acc_loss by one standard error")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="hybrid training; auto: bf16 autocast on a GPU or a CPU with native bf16 (AMX / AVX512-BF16)")
     slots: int = Field(16, ge=1, le=256, description="sequences llama.cpp decodes together while answering the suite")

@@ -4,7 +4,8 @@ from transformers import AutoTokenizer
 
 from edgedistill.data.tasks import generate_suite
 from edgedistill.export.llamacpp import LlamaCppModel
-from edgedistill.routing.generate import answer, answer_many
+from edgedistill.data.tasks import NO_THINK_PREFIX, THINK_PREFIX
+from edgedistill.routing.generate import answer, answer_groups, answer_many
 from edgedistill.serve.engine import BatchEngine
 
 BUDGET, ANSWER = 12, 5
@@ -40,3 +41,23 @@ def test_batched_answers_match_one_sequence_at_a_time(tiny_f16_gguf, tiny_model_
             assert b.logprobs == pytest.approx(a.logprobs, rel=2e-3, abs=5e-3)  # batch composition moves fp sums
         if mode == "on":
             assert b.think_tokens <= BUDGET
+
+
+def test_groups_share_one_queue_and_give_each_group_its_answers(tiny_f16_gguf, tiny_model_dir, problems):
+    """Groups in different modes go through one engine queue at once; each group's answers come back in input
+    order, in its own mode, as if it had been asked alone."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = BatchEngine(tiny_f16_gguf, slots=4, ctx_per_slot=512, max_queue=3 * len(problems))
+    try:
+        alone = {m: answer_many(engine, tok, problems, m, think_budget=BUDGET, answer_tokens=ANSWER)
+                 for m in ("on", "off")}
+        off_a, on, off_b = answer_groups(engine, tok, [(problems, "off"), (problems, "on"), (problems[:3], "off")],
+                                         think_budget=BUDGET, answer_tokens=ANSWER)
+    finally:
+        engine.close()
+    assert (len(off_a), len(on), len(off_b)) == (len(problems), len(problems), 3)
+    assert all(a.text.startswith(NO_THINK_PREFIX) for a in off_a + off_b)
+    assert all(a.text.startswith(THINK_PREFIX) for a in on)
+    for got, ref in ((off_a, alone["off"]), (on, alone["on"]), (off_b, alone["off"][:3])):
+        same = sum(a.text == b.text for a, b in zip(got, ref))
+        assert same >= len(ref) - 1, [(a.text, b.text) for a, b in zip(got, ref) if a.text != b.text]

@@ -222,3 +222,17 @@ def test_routing_recipe_defaults_and_quick():
     assert q.routing.teacher_steps <= r.routing.teacher_steps and q.routing.test_size <= r.routing.test_size
     assert q.routing.think_calib_size <= q.routing.calib_size
     assert Recipe.model_validate({"routing": {"token_budget": 30}}).routing.target() == ("token_budget", 30.0)
+
+
+def test_escalation_mode_thinks_only_when_the_gain_is_beyond_noise():
+    from edgedistill.routing.calibrate import pick_escalation_mode
+    off = [True] * 15 + [False] * 65
+    one_more = [True] * 16 + [False] * 64  # thinking right on one more problem of 80: noise
+    mode, info = pick_escalation_mode({"on": one_more, "off": off}, tolerance=0.01)
+    assert mode == "off" and (info["only_on"], info["only_off"], info["gain"]) == (1, 0, 0.0125)
+    many_more = [True] * 35 + [False] * 45  # 20 more right, none lost: a real gain
+    mode, info = pick_escalation_mode({"on": many_more, "off": off}, tolerance=0.01)
+    assert mode == "on" and info["gain"] == 0.25 and 0 < info["gain_se"] < 0.25
+    assert pick_escalation_mode({"on": off}, 0.01) == ("on", {})  # a fixed mode stays fixed
+    with pytest.raises(RoutingError, match="same problems"):
+        pick_escalation_mode({"on": off, "off": off[:10]}, 0.01)

@@ -9,6 +9,7 @@ on synthetic data in tests:
   within `max_acc_loss` of always-think;
 - confidence: logistic regression from log-prob statistics to correctness, then PAV
   isotonic regression of correctness on that raw score;
+- escalation mode: the large model thinks on escalation only where thinking measurably pays;
 - escalation threshold: for the user's target (one of target_accuracy_ratio,
   max_escalation_rate, token_budget).
 """
@@ -134,6 +135,28 @@ def adaptive_answers(policy: RoutingPolicy, items: list[CalibrationItem]) -> tup
     correct = np.array([it.think_correct if t else it.nothink_correct for it, t in zip(items, chose)], float)
     tokens = np.array([it.think_tokens if t else it.nothink_tokens for it, t in zip(items, chose)], float)
     return logprobs, correct, tokens
+
+
+def pick_escalation_mode(correct: dict[str, Sequence[bool]], tolerance: float) -> tuple[str, dict]:
+    """The large model's think mode on escalation, from its answers to the same calibration problems in each
+    mode (`correct`: mode -> per-problem outcome; one mode given: that one).
+
+    Thinking costs the large model an order of magnitude more tokens and latency than a direct answer, so it is
+    chosen only when its paired accuracy gain beats `tolerance` (the loss adaptive thinking may accept) by more
+    than one standard error of that gain: one problem out of 80 is noise, not a reason to pay 10x."""
+    if len(correct) == 1:
+        return next(iter(correct)), {}
+    on, off = np.asarray(correct["on"], bool), np.asarray(correct["off"], bool)
+    if len(on) != len(off) or len(on) == 0:
+        raise RoutingError(f"the escalation mode needs answers to the same problems in both modes "
+                           f"(got {len(on)} thinking and {len(off)} direct).")
+    n = len(on)
+    only_on, only_off = int((on & ~off).sum()), int((off & ~on).sum())
+    gain = (only_on - only_off) / n
+    se = float(np.sqrt(max((only_on + only_off) / n - gain ** 2, 0.0) / n))
+    mode = "on" if gain > tolerance + se else "off"
+    return mode, {"acc_on": float(on.mean()), "acc_off": float(off.mean()), "only_on": only_on,
+                  "only_off": only_off, "gain": round(gain, 4), "gain_se": round(se, 4), "tolerance": tolerance}
 
 
 def fit_escalation(policy: RoutingPolicy, items: list[CalibrationItem], target: Target | None) -> RoutingPolicy:

@@ -23,8 +23,9 @@ def routing_table(m: dict) -> str:
     lines += ["", f"Think rate {m['think_rate']:.2f} (threshold {m.get('think_threshold')}), thinking budget hits "
                   f"{m['budget_hits']}; escalation rate {m['escalation_rate']:.2f} (threshold "
                   f"{m.get('escalation_threshold')}, target {target.get('kind')} = {target.get('value')}); "
-                  f"escalation to the teacher in mode '{m.get('teacher_mode')}' (its better one on calibration: "
-                  f"{m.get('teacher_calib_acc')}); routed / teacher-only accuracy in that mode "
+                  f"escalation to the teacher in mode '{m.get('teacher_mode')}' (calibration accuracy by mode: "
+                  f"{m.get('teacher_calib_acc')}; thinking only where its gain beats the tolerance by one standard "
+                  f"error: {m.get('teacher_mode_choice')}); routed / teacher-only accuracy in that mode "
                   f"{m.get('routed_vs_teacher')}, / the better teacher mode on this split "
                   f"{m.get('routed_vs_best_teacher')}; adaptive token saving vs always-think "
                   f"{m.get('adaptive_token_saving')}; policy overhead p95 {m['policy_overhead_ms_p95']} ms.",

@@ -22,8 +22,8 @@ import numpy as np
 from ..artifacts import atomic_write_json, atomic_write_text
 from ..data.tasks import Problem, generate_suite, render_prompt
 from ..recipe import RoutingSpec
-from .calibrate import CalibrationItem, fit_escalation, fit_think
-from .generate import Answer, answer_many
+from .calibrate import CalibrationItem, fit_escalation, fit_think, pick_escalation_mode
+from .generate import Answer, answer_groups
 from .policy import ROUTER_FILE, RoutingPolicy, Target
 
 
@@ -105,8 +105,8 @@ def calibrate_and_evaluate(student_gguf: Path, teacher_gguf: Path, tokenizer, sp
     threads = os.cpu_count() or 1
     n_both = min(spec.think_calib_size, len(calib))
     head, rest = calib[:n_both], calib[n_both:]
-    # The teacher answers the calibration head in each mode escalation may use ("auto": the better one there),
-    # then the rest of the calibration split in the chosen mode only.
+    # The teacher answers the calibration head in each mode escalation may use ("auto": thinking only where it
+    # measurably pays there, see pick_escalation_mode), then the rest of the calibration split in that mode only.
     teacher_modes = ("on", "off") if spec.teacher_mode == "auto" else (spec.teacher_mode,)
     # Thinking answers are long; direct ones a few tokens. The think threshold needs both modes, but only on the
     # head of the calibration split; the escalation threshold is calibrated on all of it (a wider sample for the
@@ -115,45 +115,47 @@ def calibrate_and_evaluate(student_gguf: Path, teacher_gguf: Path, tokenizer, sp
     t0 = time.perf_counter()
     runs: dict[str, list[Answer | None]] = {}
 
-    def ask(engine, problems, mode):
-        return answer_many(engine, tokenizer, problems, mode, think_budget=spec.think_budget,
-                           answer_tokens=spec.answer_tokens, on_done=bar.advance)
+    def ask(engine, *groups):  # several (problems, mode) groups through one queue: the batch stays full
+        return answer_groups(engine, tokenizer, groups, think_budget=spec.think_budget,
+                             answer_tokens=spec.answer_tokens, on_done=bar.advance)
 
     with progress_bar("routing: answer the suite (llama.cpp, batched)", total=total) as bar:
         engine = BatchEngine(student_gguf, slots=spec.slots, ctx_per_slot=ctx_per_slot, n_threads=threads,
                              max_queue=total)
         try:
-            runs["student_calib_off"] = ask(engine, calib, "off")
-            runs["student_calib_on"] = ask(engine, head, "on") + [None] * len(rest)
-            for mode in ("off", "on"):
-                runs[f"student_test_{mode}"] = ask(engine, test, mode)
+            (runs["student_calib_off"], head_on, runs["student_test_off"], runs["student_test_on"]) = ask(
+                engine, (calib, "off"), (head, "on"), (test, "off"), (test, "on"))
+            runs["student_calib_on"] = head_on + [None] * len(rest)
             items = [_item(p, runs, i) for i, p in enumerate(calib)]
             policy = fit_think(items, max_acc_loss=spec.think_max_acc_loss, think_budget=spec.think_budget)
             todo = [i for i in range(n_both, len(calib)) if policy.decide_think(calib[i].question).mode == "on"]
             bar.set_total(total - len(rest) + len(todo))
-            for i, a in zip(todo, ask(engine, [calib[i] for i in todo], "on")):
+            for i, a in zip(todo, ask(engine, ([calib[i] for i in todo], "on"))[0]):
                 runs["student_calib_on"][i] = a
         finally:
             engine.close()
         engine = BatchEngine(teacher_gguf, slots=spec.slots, ctx_per_slot=ctx_per_slot, n_threads=threads,
                              max_queue=total)
         try:
-            for mode in teacher_modes:
-                runs[f"teacher_calib_{mode}"] = ask(engine, head, mode) + [None] * len(rest)
-            calib_acc = {m: _acc([a.correct for a in runs[f"teacher_calib_{m}"][:n_both]]) for m in teacher_modes}
-            # ties go to direct answers: fewer tokens for the same accuracy
-            escalate_mode = max(teacher_modes, key=lambda m: (calib_acc[m], m == "off"))
-            runs[f"teacher_calib_{escalate_mode}"][n_both:] = ask(engine, rest, escalate_mode)
-            for mode in ("off", "on"):
-                runs[f"teacher_test_{mode}"] = ask(engine, test, mode)
+            answers = ask(engine, *[(head, m) for m in teacher_modes], (test, "off"), (test, "on"))
+            for m, a in zip(teacher_modes, answers):
+                runs[f"teacher_calib_{m}"] = a + [None] * len(rest)
+            runs["teacher_test_off"], runs["teacher_test_on"] = answers[-2:]
+            escalate_mode, mode_info = pick_escalation_mode(
+                {m: [a.correct for a in runs[f"teacher_calib_{m}"][:n_both]] for m in teacher_modes},
+                spec.think_max_acc_loss)
+            runs[f"teacher_calib_{escalate_mode}"][n_both:] = ask(engine, (rest, escalate_mode))[0]
         finally:
             engine.close()
+    calib_acc = {m: _acc([a.correct for a in runs[f"teacher_calib_{m}"][:n_both]]) for m in teacher_modes}
     gen_seconds = time.perf_counter() - t0
 
     items = [_item(p, runs, i, escalate_mode) for i, p in enumerate(calib)]
     policy = fit_escalation(policy, items, target)
     policy.escalate_think = escalate_mode
     policy.calibration["teacher_calib_acc"] = calib_acc
+    if mode_info:
+        policy.calibration["escalation_mode"] = mode_info
     policy.save(out_dir / ROUTER_FILE)
     policy = RoutingPolicy.load(out_dir / ROUTER_FILE)  # evaluate exactly what was written
 
@@ -162,7 +164,7 @@ def calibrate_and_evaluate(student_gguf: Path, teacher_gguf: Path, tokenizer, sp
     metrics.update(generation_backend=f"llama.cpp: {Path(student_gguf).name} (student), {Path(teacher_gguf).name} "
                                       f"(adapted teacher); greedy, the serving engine's continuous batching "
                                       f"({spec.slots} slots, {threads} threads)",
-                   teacher_mode=escalate_mode, teacher_calib_acc=calib_acc,
+                   teacher_mode=escalate_mode, teacher_calib_acc=calib_acc, teacher_mode_choice=mode_info,
                    generation_seconds=round(gen_seconds, 1), calib_size=len(calib), test_size=len(test),
                    think_calib_size=n_both, calib_thinking_answers=n_both + len(todo),
                    think_threshold=round(policy.think.threshold, 4),
