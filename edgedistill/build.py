@@ -328,9 +328,13 @@ _HYBRID_STUDENT_FIELDS = ("seed", "train_size", "student_steps", "student_lr", "
 
 
 def _hybrid_precision(ctx: BuildContext) -> str:
-    """routing.precision resolved: bf16 autocast where the hardware computes bf16 natively (a GPU; AMX or
-    AVX512-BF16 CPUs, where oneDNN's bf16 matmuls beat fp32), else fp32."""
-    p = ctx.recipe.routing.precision
+    return _resolved_precision(ctx.recipe.routing.precision)
+
+
+def _resolved_precision(p: str) -> str:
+    """A precision field resolved: "auto" is bf16 autocast where the hardware computes bf16 natively (a GPU;
+    AMX or AVX512-BF16 CPUs, where oneDNN's bf16 matmuls beat fp32), else fp32. Part of the stage inputs, so a
+    resumed build on other hardware does not keep a stage trained at another precision."""
     if p != "auto":
         return p
     from .distill.train import native_bf16
@@ -359,7 +363,7 @@ def stage_inputs(ctx: BuildContext, name: str) -> dict:
                 "seq_len": r.distill.seq_len}
     if name == "distill":
         return {"teacher": fp("teacher"), "student_init": fp("student_init"), "distill": r.distill.model_dump(),
-                "data": r.data.model_dump()}
+                "data": r.data.model_dump(), "precision": _resolved_precision(r.distill.precision)}
     if name == "hybrid_student":
         return {"enabled": False} if not rt.enabled else {
             "distill": fp("distill"), "hybrid_teacher": fp("hybrid_teacher"), "precision": _hybrid_precision(ctx),

@@ -43,7 +43,9 @@ def main(out: str) -> None:
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     teacher = LlamaForCausalLM(cfg)
     student = depth_pruned_copy(teacher, [1])
-    kd = KDConfig(steps=STEPS, batch_size=GLOBAL_BATCH // world, seq_len=SEQ, lr=1e-2)
+    # fp32: the check is that DDP does the same arithmetic as one process, to fp32 rounding (bf16 rounding of
+    # differently sized batches would hide a wrong gradient average under its noise)
+    kd = KDConfig(steps=STEPS, batch_size=GLOBAL_BATCH // world, seq_len=SEQ, lr=1e-2, precision="fp32")
     m = distill(teacher, student, ShardedBatches(rank, world), kd, Path(out).parent / f"student-{world}")
     if rank == 0:
         Path(out).write_text(json.dumps({"loss_curve": m["loss_curve"], "world": m["world_size"],

@@ -29,11 +29,16 @@ CHECKPOINT = "checkpoint.pt"
 QAT_DIR = "qat"  # holds the grid codes of a quantize-aware student
 
 
-def native_bf16() -> bool:
-    """A CUDA GPU with bf16, or a CPU that computes bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
+def native_bf16(device: str | None = None) -> bool:
+    """`device` ("cuda", "cpu"; None: the one training picks) computes bf16 natively: a CUDA GPU with bf16, or a
+    CPU with AMX-BF16 or AVX512-BF16 in /proc/cpuinfo (there oneDNN's bf16 matmuls beat fp32)."""
     import torch
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
     try:
         flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
     except OSError:
@@ -62,7 +67,7 @@ class KDConfig:
     checkpoint_every: int = 0
     compile: bool = False
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; "bf16" also on CPU (fast where it has AMX)
+    precision: str = "auto"  # auto: bf16 autocast where the device computes bf16 natively (native_bf16), else fp32
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -179,7 +184,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=True)  # fused on CPU too: 4.6x faster steps than the per-tensor loop here
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    # 1.47x the fp32 tokens/s for the default build's distill step on an AVX512-BF16 CPU (2 cores)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device.type))
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     mix_rng = random.Random(cfg.seed)
     start, ckpt = 0, (Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None)
