@@ -332,13 +332,10 @@ def _hybrid_precision(ctx: BuildContext) -> str:
 
 
 def _resolved_precision(p: str) -> str:
-    """A precision field resolved: "auto" is bf16 autocast where the hardware computes bf16 natively (a GPU;
-    AMX or AVX512-BF16 CPUs, where oneDNN's bf16 matmuls beat fp32), else fp32. Part of the stage inputs, so a
-    resumed build on other hardware does not keep a stage trained at another precision."""
-    if p != "auto":
-        return p
-    from .distill.train import native_bf16
-    return "bf16" if native_bf16() else "fp32"
+    """A precision field as training resolves it; part of the stage inputs, so a resumed build on other
+    hardware does not keep a stage trained at another precision."""
+    from .distill.train import resolve_precision
+    return resolve_precision(p)
 
 
 def _sample_format() -> int:
