@@ -86,33 +86,41 @@ def _sync(device: torch.device) -> None:
 
 
 def run(method: str, pattern: str, windows, device, small: bool, batch_size: int) -> dict:
+    """One layer-wise pass. method "reference" or "ours": that sweep compresses the model. "paired": on every
+    group both sweeps run on the same Hessian (ours first, each timed alone) and ours is applied, so the two
+    errors compare like for like at every layer instead of after 32 layers of diverging inputs."""
     model = make_model(small)
     prune = Pruning(sparsity=0.5) if pattern == "unstructured" else Pruning(n=2, m=4)
-    terms = {"num": 0.0, "den": 0.0, "rel": []}
-    sweep = [0.0]
+    methods = ("ours", "reference") if method == "paired" else (method,)
+    terms = {m: {"num": 0.0, "den": 0.0, "rel": []} for m in methods}
+    sweep = {m: 0.0 for m in methods}
 
     def compress_group(i, group, linears):
         H = group.hessian.H
         mods = [linears[n] for n in group.names]
-        _sync(device)
-        t = time.perf_counter()
-        if method == "reference":
-            news = [reference_sparsegpt(m.weight.data.float(), H, 0.5, prune.n, prune.m) for m in mods]
-        else:
-            W = torch.cat([m.weight.data.float() for m in mods])
-            bounds, r = [], 0
-            for m in mods:
-                bounds.append((r, r + m.out_features))
-                r += m.out_features
-            res, _ = compress_weight(W, H, f"layers.{i}", pruning=prune, segments=bounds)
-            news = [res.weight[r0:r1] for r0, r1 in bounds]
-        _sync(device)
-        sweep[0] += time.perf_counter() - t
-        for n, m, new in zip(group.names, mods, news):
-            num, den = reconstruction_terms(m.weight.data.float(), new, H)
-            terms["num"] += num
-            terms["den"] += den
-            terms["rel"].append(num / den)
+        results = {}
+        for meth in methods:
+            _sync(device)
+            t = time.perf_counter()
+            if meth == "reference":
+                news = [reference_sparsegpt(m.weight.data.float(), H, 0.5, prune.n, prune.m) for m in mods]
+            else:
+                W = torch.cat([m.weight.data.float() for m in mods])
+                bounds, r = [], 0
+                for m in mods:
+                    bounds.append((r, r + m.out_features))
+                    r += m.out_features
+                res, _ = compress_weight(W, H, f"layers.{i}", pruning=prune, segments=bounds)
+                news = [res.weight[r0:r1] for r0, r1 in bounds]
+            _sync(device)
+            sweep[meth] += time.perf_counter() - t
+            results[meth] = news
+            for m, new in zip(mods, news):
+                num, den = reconstruction_terms(m.weight.data.float(), new, H)
+                terms[meth]["num"] += num
+                terms[meth]["den"] += den
+                terms[meth]["rel"].append(num / den)
+        for m, new in zip(mods, results[methods[0]]):
             m.weight.data.copy_(new)
         return {}
 
@@ -120,10 +128,13 @@ def run(method: str, pattern: str, windows, device, small: bool, batch_size: int
     # Both sweeps run on the same thread count (on CPU: the driver's one thread).
     out = compress_layerwise(model, windows, compress_group, device=device, batch_size=batch_size)
     total = time.perf_counter() - t0
-    return {"sweep_s": round(sweep[0], 2), "total_s": round(total, 2),
-            "calibration_s": round(total - sweep[0], 2),
-            "rel_error": terms["num"] / terms["den"],
-            "mean_layer_rel_error": sum(terms["rel"]) / len(terms["rel"]), "timings_s": out["timings_s"]}
+    runs = {}
+    for meth in methods:
+        tm = terms[meth]
+        runs[meth] = {"sweep_s": round(sweep[meth], 2), "calibration_s": round(total - sum(sweep.values()), 2),
+                      "rel_error": tm["num"] / tm["den"], "mean_layer_rel_error": sum(tm["rel"]) / len(tm["rel"]),
+                      "layer_rel_errors": tm["rel"], "timings_s": out["timings_s"]}
+    return runs if method == "paired" else runs[method]
 
 
 def main() -> None:
@@ -133,30 +144,49 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--patterns", default="unstructured,2:4", help="comma-separated, in the order to run them")
+    ap.add_argument("--paired", action="store_true", help="one layer-wise pass per pattern with both sweeps on every "
+                    "group's identical Hessian (ours applied): errors compared layer by layer on the same inputs")
     args = ap.parse_args()
+    patterns = args.patterns.split(",")
+    if set(patterns) - {"unstructured", "2:4"}:
+        ap.error(f"--patterns: expected unstructured and/or 2:4, got {args.patterns}")
     device = torch.device(args.device)
     n = args.samples or (16 if args.small else 128)
     T = args.seq_len or (256 if args.small else 2048)
     g = torch.Generator().manual_seed(1)
     windows = torch.randint(0, 49152, (n, T), generator=g).tolist()
     results = {}
-    for pattern in ("unstructured", "2:4"):
+    for pattern in patterns:
+        if args.paired:
+            both = run("paired", pattern, windows, device, args.small, args.batch_size)
+            results |= {f"{m}_{pattern}": r for m, r in both.items()}
+        else:
+            for method in ("reference", "ours"):
+                results[f"{method}_{pattern}"] = run(method, pattern, windows, device, args.small, args.batch_size)
         for method in ("reference", "ours"):
-            r = run(method, pattern, windows, device, args.small, args.batch_size)
-            results[f"{method}_{pattern}"] = r
+            r = results[f"{method}_{pattern}"]
             print(f"{method:>9} {pattern:>12}: sweep {r['sweep_s']:8.2f} s  (calibration {r['calibration_s']:.2f} s)  "
-                  f"rel. reconstruction error {r['rel_error']:.5f}", flush=True)
+                  f"rel. reconstruction error {r['rel_error']:.6f}", flush=True)
     summary = {"bench": "obs_vs_reference", "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "model": "random SmolLM2-360M shape" + (" (2 layers)" if args.small else " (32 layers)"),
-               "calib_tokens": f"{n}x{T}", "cpu_threads": 1 if device.type == "cpu" else None}
+               "calib_tokens": f"{n}x{T}", "cpu_threads": 1 if device.type == "cpu" else None,
+               "paired": args.paired}
     for pattern, key in (("unstructured", "unstructured_50"), ("2:4", "2_4")):
+        if pattern not in patterns:
+            continue
         ref, ours = results[f"reference_{pattern}"], results[f"ours_{pattern}"]
         summary |= {f"reference_{key}_s": ref["sweep_s"], f"ours_{key}_s": ours["sweep_s"],
                     f"speedup_{key}": round(ref["sweep_s"] / max(ours["sweep_s"], 1e-9), 2),
                     f"reference_{key}_rel_error": round(ref["rel_error"], 6),
                     f"ours_{key}_rel_error": round(ours["rel_error"], 6),
                     f"calibration_{key}_s": ours["calibration_s"]}
+        if args.paired:  # the same Hessians: how many of the linears came out no worse than the reference
+            pairs = list(zip(ours["layer_rel_errors"], ref["layer_rel_errors"]))
+            summary[f"ours_{key}_no_worse_linears"] = f"{sum(o <= r for o, r in pairs)}/{len(pairs)}"
+            summary[f"ours_{key}_mean_layer_rel_error"] = round(ours["mean_layer_rel_error"], 6)
+            summary[f"reference_{key}_mean_layer_rel_error"] = round(ref["mean_layer_rel_error"], 6)
     print(json.dumps(summary))
 
 

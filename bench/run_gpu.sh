@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one call on a lent GPU machine (no package index there: liger-kernel travels as a
 # wheel in .whl/, see bench/README or the device notes). Writes logs and JSON to $OUT (or ./gpu-out).
+# Order: the 2:4 sweep (#3's open bar), the distillation rows (each row's JSON is rewritten as it finishes),
+# then unstructured, so a run cut short loses the least.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -9,9 +11,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+timeout ${OBS_TIMEOUT:-150} python3 bench/obs_vs_reference.py --device cuda --patterns 2:4 ${OBS_ARGS:-} > "$OUT/obs_2_4.log" 2>&1
+echo "obs 2:4 rc=$?"; tail -n 4 "$OUT/obs_2_4.log"
 timeout ${DISTILL_TIMEOUT:-240} python3 bench/distill_gpu.py --steps ${STEPS:-6} ${DISTILL_ROWS:+--rows $DISTILL_ROWS} \
-  > "$OUT/distill_gpu.json" 2> "$OUT/distill_gpu.log"; echo "distill_gpu rc=$?"
-tail -n 25 "$OUT/distill_gpu.log"; tail -c 3000 "$OUT/distill_gpu.json"; echo
-timeout ${OBS_TIMEOUT:-240} python3 bench/obs_vs_reference.py --device cuda > "$OUT/obs_vs_reference.log" 2>&1
-echo "obs_vs_reference rc=$?"; tail -n 12 "$OUT/obs_vs_reference.log"
+  --out "$OUT/distill_gpu.json" > "$OUT/distill_gpu.stdout" 2> "$OUT/distill_gpu.log"; echo "distill_gpu rc=$?"
+grep -v Warning "$OUT/distill_gpu.log" | tail -n 30; echo
+if [ "${SKIP_UNSTRUCTURED:-0}" != 1 ]; then
+  timeout ${OBS_U_TIMEOUT:-100} python3 bench/obs_vs_reference.py --device cuda --patterns unstructured ${OBS_ARGS:-} > "$OUT/obs_unstructured.log" 2>&1
+  echo "obs unstructured rc=$?"; tail -n 3 "$OUT/obs_unstructured.log"
+fi

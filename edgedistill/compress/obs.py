@@ -306,6 +306,7 @@ class _GraphedNMBlock:
         b, rows = W1.shape
         key = (b, rows, tab.n, tab.m, W1.dtype, W1.device)
         entry = self._runners.get(key)
+        check = entry is None
         if entry is None:
             try:
                 entry = self._prepare(b, rows, tab)
@@ -314,6 +315,22 @@ class _GraphedNMBlock:
                 self.disabled = True
                 return _nm_block(W1, U1, tab, g0, E1, mask1)
             self._runners[key] = entry
+        if check:  # the first replay of each shape is checked against the ops run directly on a copy
+            W2, E2, m2 = W1.clone(), torch.empty_like(E1), torch.empty_like(mask1)
+            _nm_block(W2, U1, tab, g0, E2, m2)
+            self._replay(entry, W1, U1, tab, g0, E1, mask1)
+            if not (torch.equal(mask1, m2) and torch.allclose(W1, W2, rtol=1e-4, atol=1e-6)):
+                log.warning("N:M sweep: the CUDA graph's result differs from the direct ops; running eagerly")
+                self.disabled = True
+                W1.copy_(W2)
+                E1.copy_(E2)
+                mask1.copy_(m2)
+            return
+        self._replay(entry, W1, U1, tab, g0, E1, mask1)
+
+    @staticmethod
+    def _replay(entry, W1, U1, tab: _NMTables, g0: int, E1, mask1) -> None:
+        b = W1.shape[0]
         replay, st = entry
         G = b // tab.m
         st["W"].copy_(W1)
