@@ -193,6 +193,8 @@ def distill_cmd(
         precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16"),
         compile: Optional[bool] = typer.Option(None, "--compile/--no-compile"),
         gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+        checkpoint_blocks: Optional[int] = typer.Option(None, help="gradient checkpointing of the first N student "
+                                                        "blocks only (overrides --gradient-checkpointing)"),
         eval_every: Optional[int] = typer.Option(None), checkpoint_every: Optional[int] = typer.Option(None),
         seed: Optional[int] = typer.Option(None)) -> None:
     """Distill a student from a teacher (the same fields as the recipe's distill: section)."""
@@ -203,6 +205,8 @@ def distill_cmd(
     from .distill.run import distill_from_paths
     from .recipe import DistillSpec, load_recipe
     options = {k: v for k, v in locals().items() if k in DistillSpec.model_fields and v is not None}
+    if checkpoint_blocks is not None:
+        options["gradient_checkpointing"] = checkpoint_blocks
     try:
         base = load_recipe(recipe).distill.model_dump() if recipe else {}
         try:

@@ -71,8 +71,17 @@ class DistillSpec(Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     quantize_aware: Literal["q8_0", "q4_0", "q4_1"] | None = Field(None, description="train through this GGUF grid (QAT)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where the device computes bf16 natively (GPU; AMX or AVX512-BF16 CPU), else fp32")
-    compile: bool = False
-    gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each block (student and teacher) and the loss's chunk arithmetic")
+    gradient_checkpointing: bool | int = Field(False, description="recompute block activations in backward: true for "
+                                               "every student block, a number N for the first N (less memory, "
+                                               "N/all of the recompute)")
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _ckpt_blocks(cls, v):
+        if not isinstance(v, bool) and v < 0:
+            raise ValueError("expected true, false or a number of blocks ≥ 0")
+        return v
     eval_every: int = Field(0, ge=0, description="held-out perplexity and KL every N steps (0: off)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: off)")
 

@@ -40,6 +40,7 @@ class LossSpec:
     temperature: float = 1.0
     ce_weight: float = 0.0
     chunk_tokens: int = 1024
+    compile: bool = False  # the per-chunk softmax arithmetic through torch.compile (one fused pass, bf16 in/out)
 
     def __post_init__(self):
         if self.kind not in LOSSES:
@@ -73,9 +74,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _teacher_logits(teacher, rows: slice, vocab: int, acc: torch.dtype) -> torch.Tensor:
-    """Teacher logits (up to a per-row constant) for a chunk of selected tokens."""
+    """Teacher logits (up to a per-row constant) for a chunk of selected tokens (a dense teacher's in its
+    compute dtype: the loss converts them to `acc` itself)."""
     if isinstance(teacher, DenseTeacher):
-        return F.linear(teacher.hidden[rows], teacher.weight, teacher.bias).to(acc)
+        return F.linear(teacher.hidden[rows], teacher.weight, teacher.bias)
     lp = teacher.logprobs[rows].to(acc)
     idx = teacher.indices[rows].long()
     k = lp.shape[-1]
@@ -86,7 +88,10 @@ def _teacher_logits(teacher, rows: slice, vocab: int, acc: torch.dtype) -> torch
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row Σ a·b [n, V] → [n] in one pass: a batched GEMV; linalg.vecdot multiplies into an [n, V] temporary
-    on CPU, a whole extra pass over the chunk's logits."""
+    on CPU, a whole extra pass over the chunk's logits. Under torch.compile the plain product-sum, which
+    inductor fuses into the surrounding softmax kernels."""
+    if torch.compiler.is_compiling():
+        return (a * b).sum(-1)
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
@@ -96,14 +101,18 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None,
-                         spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of a chunk and its gradient w.r.t. the student logits z (both fp32)."""
+                         spec: LossSpec, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of a chunk and its gradient w.r.t. the student logits z, in `out_dtype`. The arithmetic runs
+    in fp32 (fp64 for fp64 inputs) whatever the logits' dtype."""
+    acc = _acc(z.dtype)
+    z = z.to(acc)
+    t_logits = t_logits.to(acc)
     T = spec.temperature
     kind = spec.kind
     if kind == "jsd" and spec.beta in (0.0, 1.0):  # the mixture's limits, where one log would be −inf
         kind = "forward_kl" if spec.beta == 0.0 else "reverse_kl"
     ls = F.log_softmax(z if T == 1.0 else z / T, dim=-1)
-    lt = F.log_softmax(t_logits if T == 1.0 else t_logits.div_(T), dim=-1)
+    lt = F.log_softmax(t_logits if T == 1.0 else t_logits / T, dim=-1)
     del t_logits
     if kind == "forward_kl":
         pt = lt.exp()
@@ -141,7 +150,19 @@ def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.
             pce = lsz.exp_()
             pce.scatter_add_(-1, safe[:, None], -torch.ones_like(pce[:, :1]))
             grad.add_(pce.mul_(valid[:, None].to(pce.dtype)), alpha=spec.ce_weight)
-    return loss, grad
+    return loss, grad.to(out_dtype)
+
+
+_COMPILED_CHUNK = []
+
+
+def _chunk_fn(spec: LossSpec):
+    """The chunk arithmetic, compiled once per process when the spec asks for it."""
+    if not spec.compile:
+        return _chunk_loss_and_grad
+    if not _COMPILED_CHUNK:
+        _COMPILED_CHUNK.append(torch.compile(_chunk_loss_and_grad, dynamic=None))
+    return _COMPILED_CHUNK[0]
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -164,17 +185,16 @@ class _ChunkedKD(torch.autograd.Function):
             teacher = DenseTeacher(teacher.hidden.to(cd), teacher.weight.to(cd),
                                    None if teacher.bias is None else teacher.bias.to(cd))
         step = spec.chunk_tokens
+        chunk = _chunk_fn(spec)
         with torch.autocast(hs.device.type, enabled=False):
             for s in range(0, n, step):
                 rows = slice(s, min(s + step, n))
                 h = hs[rows].to(cd)
-                z = F.linear(h, w, b).to(acc)
-                loss, grad = _chunk_loss_and_grad(z, _teacher_logits(teacher, rows, vocab, acc),
-                                                  None if labels is None else labels[rows], spec)
+                z = F.linear(h, w, b)
+                loss, g = chunk(z, _teacher_logits(teacher, rows, vocab, acc),
+                                None if labels is None else labels[rows], spec, cd)
                 del z
                 total += loss
-                g = grad.to(cd)
-                del grad
                 if need_h:
                     if grad_h.dtype == cd:
                         torch.mm(g, w, out=grad_h[rows])

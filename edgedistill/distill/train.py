@@ -8,6 +8,7 @@ loss; then clip, step, and now and then evaluate and checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -18,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..blocks import decoder_layers
 from ..data.batches import Batch, TextBatches
 from ..errors import DistillError
 from ..progress import progress_bar
 from . import qat
+from .layers import checkpoint_count, patch_layers
 from .losses import DenseTeacher, LossSpec, TopKTeacher, kd_loss
 from .teacher import CachedTeacherBatches, generate_completions, place
 
@@ -72,8 +75,8 @@ class KDConfig:
     max_new_tokens: int = 64
     eval_every: int = 0
     checkpoint_every: int = 0
-    compile: bool = False
-    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile of each block (student and teacher) and of the loss's chunk arithmetic
+    gradient_checkpointing: bool | int = False  # True: every student block; N: the first N blocks
     precision: str = "auto"  # auto: bf16 autocast where the device computes bf16 natively (native_bf16), else fp32
     extra: dict = field(default_factory=dict)
 
@@ -82,6 +85,9 @@ class KDConfig:
             self.loss = LossSpec(temperature=self.temperature)
         if self.quantize_aware:
             qat.check_grid(self.quantize_aware)
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing < 0:
+            raise DistillError(f"gradient_checkpointing {self.gradient_checkpointing}: expected true, false or a "
+                               "number of blocks ≥ 0.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DistillError(f"precision '{self.precision}' is unknown; expected auto, fp32 or bf16.")
 
@@ -116,7 +122,8 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, batch: Batch, teacher_targets, normalizer: float) -> torch.Tensor:
         params = qat.fake_quantized_params(self.student, self.grid) if self.grid else None
-        h = qat.forward_hidden(self.student, params, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        h = qat.forward_hidden(self.student, params, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               use_cache=False)
         w, b = qat.head_weight(self.student, params)
         return kd_loss(h, w, teacher_targets, self.spec, mask=batch.loss_mask, labels=batch.labels,
                        normalizer=normalizer, student_bias=b)
@@ -124,7 +131,8 @@ class StudentLoss(torch.nn.Module):
 
 @torch.no_grad()
 def teacher_targets(teacher, batch: Batch) -> DenseTeacher:
-    h = teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    h = teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           use_cache=False).last_hidden_state
     head = teacher.get_output_embeddings()
     return DenseTeacher(h, head.weight, head.bias)
 
@@ -140,7 +148,7 @@ def evaluate_kd(teacher, student, batches: list[Batch], grid: str | None = None)
     for b in batches:
         b = b.to(device)
         t = teacher_targets(teacher, b)
-        h = qat.forward_hidden(student, params, input_ids=b.input_ids, attention_mask=b.attention_mask)
+        h = qat.forward_hidden(student, params, input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
         w, bias = qat.head_weight(student, params)
         tokens = int(b.loss_mask.sum())
         kl += kd_loss(h, w, t, LossSpec(), mask=b.loss_mask, student_bias=bias).item() * tokens
@@ -179,13 +187,14 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     offline = isinstance(data, CachedTeacherBatches)
     place(teacher, device).eval().requires_grad_(False)
     student.to(device).train()
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    step_fn = StudentLoss(student, cfg.loss, cfg.quantize_aware)
+    n_ckpt = checkpoint_count(cfg.gradient_checkpointing, len(decoder_layers(student, DistillError, "distillation")))
+    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=n_ckpt)]
+    if cfg.compile and not offline:
+        patches.append(patch_layers(teacher, compile=True))
+    spec = dataclasses.replace(cfg.loss, compile=True) if cfg.compile else cfg.loss
+    step_fn = StudentLoss(student, spec, cfg.quantize_aware)
     if world > 1:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        step_fn = torch.compile(step_fn)
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -207,73 +216,76 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     losses, evals, step_seconds, tokens, good_step = [], [], [], 0, start
     t0 = time.perf_counter()
     label = f"distill ({cfg.loss.kind}{', QAT ' + cfg.quantize_aware if cfg.quantize_aware else ''})"
-    with progress_bar(label, total=cfg.steps - start) as bar:
-        for step in range(start, cfg.steps):
-            t_step = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            micro = []
-            for _ in range(cfg.grad_accum):
-                u = mix_rng.random()
-                item = data.next_batch()
-                batch, targets = item if offline else (item, None)
-                if u < cfg.on_policy_fraction + cfg.sequence_kd_fraction:
-                    generator = student if u < cfg.on_policy_fraction else teacher
-                    p_ids, p_attn = prompts.prompts(cfg.batch_size, max(1, cfg.seq_len - cfg.max_new_tokens))
-                    with autocast:
-                        batch = generate_completions(generator, p_ids.to(device), p_attn.to(device),
-                                                     cfg.max_new_tokens, _eos(tokenizer, student), _pad(tokenizer))
-                    targets = None
-                micro.append((batch.to(device), targets))
-            count = torch.tensor(float(sum(int(b.loss_mask.sum()) for b, _ in micro)), device=device)
-            if world > 1:
-                dist.all_reduce(count)
-            normalizer = max(count.item(), 1.0) / world  # DDP averages gradients over ranks
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            try:
-                for i, (batch, targets) in enumerate(micro):
-                    if targets is None:
+    try:
+        with progress_bar(label, total=cfg.steps - start) as bar:
+            for step in range(start, cfg.steps):
+                t_step = time.perf_counter()
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    u = mix_rng.random()
+                    item = data.next_batch()
+                    batch, targets = item if offline else (item, None)
+                    if u < cfg.on_policy_fraction + cfg.sequence_kd_fraction:
+                        generator = student if u < cfg.on_policy_fraction else teacher
+                        p_ids, p_attn = prompts.prompts(cfg.batch_size, max(1, cfg.seq_len - cfg.max_new_tokens))
                         with autocast:
-                            targets = teacher_targets(teacher, batch)
-                    elif isinstance(targets, TopKTeacher):
-                        targets = TopKTeacher(targets.logprobs.to(device), targets.indices.to(device))
-                    sync = world == 1 or i == len(micro) - 1
-                    ctx = step_fn.no_sync() if not sync and hasattr(step_fn, "no_sync") else _null()
-                    with ctx, autocast:
-                        loss = step_fn(batch, targets, normalizer)
-                    loss.backward()
-                    step_loss += loss.item()
-                    tokens += batch.tokens
-            except torch.OutOfMemoryError:
-                raise DistillError(f"out of memory at step {step} (batch_size {cfg.batch_size} × seq_len {cfg.seq_len}, "
-                                   f"chunk_tokens {cfg.loss.chunk_tokens}). Lower distill.batch_size or seq_len (raise "
-                                   "grad_accum to keep the batch), or lower chunk_tokens.") from None
-            if world > 1:
-                t = torch.tensor(step_loss, device=device)
-                dist.all_reduce(t)
-                step_loss = t.item() / world  # each rank holds world × its share of the mean
-            if not math.isfinite(step_loss):
-                where = f"the last good checkpoint (step {good_step}) is in {ckpt}" if ckpt and ckpt.is_file() else \
-                    "no checkpoint was written (set checkpoint_every)"
-                raise DistillError(f"loss became {step_loss} at step {step}; training stopped before the update, "
-                                   f"{where}. Lower distill.lr (now {cfg.lr}) or grad_clip, or check the data.")
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
-            losses.append(step_loss)
-            step_seconds.append(time.perf_counter() - t_step)
-            done = step + 1
-            if heldout and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                evals.append({"step": done, **evaluate_kd(teacher, student, heldout, cfg.quantize_aware)})
-            if ckpt is not None and rank == 0 and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                save_checkpoint(ckpt, student, opt, done, mix_rng.getstate())
-                good_step = done
-            elapsed = time.perf_counter() - t0
-            bar.advance(loss=f"{step_loss:.3f}", tok_s=f"{tokens * world / elapsed:,.0f}")
+                            batch = generate_completions(generator, p_ids.to(device), p_attn.to(device),
+                                                         cfg.max_new_tokens, _eos(tokenizer, student), _pad(tokenizer))
+                        targets = None
+                    micro.append((batch.to(device), targets))
+                count = torch.tensor(float(sum(int(b.loss_mask.sum()) for b, _ in micro)), device=device)
+                if world > 1:
+                    dist.all_reduce(count)
+                normalizer = max(count.item(), 1.0) / world  # DDP averages gradients over ranks
+                opt.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                try:
+                    for i, (batch, targets) in enumerate(micro):
+                        if targets is None:
+                            with autocast:
+                                targets = teacher_targets(teacher, batch)
+                        elif isinstance(targets, TopKTeacher):
+                            targets = TopKTeacher(targets.logprobs.to(device), targets.indices.to(device))
+                        sync = world == 1 or i == len(micro) - 1
+                        ctx = step_fn.no_sync() if not sync and hasattr(step_fn, "no_sync") else _null()
+                        with ctx, autocast:
+                            loss = step_fn(batch, targets, normalizer)
+                        loss.backward()
+                        step_loss += loss.item()
+                        tokens += batch.tokens
+                except torch.OutOfMemoryError:
+                    raise DistillError(f"out of memory at step {step} (batch_size {cfg.batch_size} × seq_len {cfg.seq_len}, "
+                                       f"chunk_tokens {cfg.loss.chunk_tokens}). Lower distill.batch_size or seq_len (raise "
+                                       "grad_accum to keep the batch), or lower chunk_tokens.") from None
+                if world > 1:
+                    t = torch.tensor(step_loss, device=device)
+                    dist.all_reduce(t)
+                    step_loss = t.item() / world  # each rank holds world × its share of the mean
+                if not math.isfinite(step_loss):
+                    where = f"the last good checkpoint (step {good_step}) is in {ckpt}" if ckpt and ckpt.is_file() else \
+                        "no checkpoint was written (set checkpoint_every)"
+                    raise DistillError(f"loss became {step_loss} at step {step}; training stopped before the update, "
+                                       f"{where}. Lower distill.lr (now {cfg.lr}) or grad_clip, or check the data.")
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                opt.step()
+                losses.append(step_loss)
+                step_seconds.append(time.perf_counter() - t_step)
+                done = step + 1
+                if heldout and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    evals.append({"step": done, **evaluate_kd(teacher, student, heldout, cfg.quantize_aware)})
+                if ckpt is not None and rank == 0 and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                    save_checkpoint(ckpt, student, opt, done, mix_rng.getstate())
+                    good_step = done
+                elapsed = time.perf_counter() - t0
+                bar.advance(loss=f"{step_loss:.3f}", tok_s=f"{tokens * world / elapsed:,.0f}")
+    finally:
+        for p in patches:
+            p.restore()
     seconds = time.perf_counter() - t0
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
-    metrics = {"device": device.type, "precision": "bf16" if bf16 else "fp32", "world_size": world, "loss": cfg.loss.kind, "steps": cfg.steps,
+    metrics = {"device": device.type, "precision": "bf16" if bf16 else "fp32", "world_size": world,
+               "compiled": cfg.compile, "checkpointed_blocks": n_ckpt, "loss": cfg.loss.kind, "steps": cfg.steps,
                "resumed_from": start, "tokens": tokens * world, "seconds": round(seconds, 2),
                "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

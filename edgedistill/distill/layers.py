@@ -1,0 +1,83 @@
+"""Per-block speed and memory switches for the distillation models: torch.compile and activation checkpointing.
+
+Both act on each transformer block (blocks.decoder_layers) by giving the block an instance `forward`:
+
+* compile: the block's forward goes through torch.compile. Every block of a model runs the same code with
+  parameters of the same shapes, so dynamo compiles one graph per (shape, grad mode) and all blocks reuse it:
+  seconds of compilation where compiling the whole backbone as one graph unrolls every block (minutes for 32),
+  and no graph break at the fused loss's autograd Function, which stays outside. Inductor fuses what eager runs
+  as separate kernels over the activations (RMSNorm's fp32 round trip, rotary embedding, SiLU·up, residual adds),
+  and its partitioner saves fewer activations for backward.
+* checkpoint_layers = N: the first N blocks keep only their input for backward and run their forward again
+  there (non-reentrant torch.utils.checkpoint). N = all is classic gradient checkpointing; a part trades
+  exactly as much recomputation as the memory it frees, where all-or-nothing often frees more than needed.
+
+The state dict is untouched (no wrapper modules), and `restore` removes the instance forwards again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks import decoder_layers
+from ..errors import DistillError
+
+
+@dataclass
+class LayerPatch:
+    layers: list = field(default_factory=list)
+    compiled: bool = False
+    checkpointed: int = 0
+
+    def restore(self) -> None:
+        for layer in self.layers:
+            if "forward" in vars(layer):
+                del layer.forward
+        self.layers = []
+
+
+def checkpoint_count(setting: bool | int, n_layers: int) -> int:
+    """How many blocks `gradient_checkpointing` asks for: True → all, False → none, an int → that many (≤ all)."""
+    if isinstance(setting, bool):
+        return n_layers if setting else 0
+    if setting < 0:
+        raise DistillError(f"distill.gradient_checkpointing {setting}: expected true, false or a number of blocks ≥ 0.")
+    return min(int(setting), n_layers)
+
+
+def patch_layers(model, *, compile: bool = False, checkpoint_layers: int = 0,
+                 compile_mode: str | None = None) -> LayerPatch:
+    """Give each block of `model` a compiled and/or checkpointed forward (see the module docstring)."""
+    patch = LayerPatch(compiled=compile)
+    if not compile and checkpoint_layers <= 0:
+        return patch
+    layers = decoder_layers(model, DistillError, "per-block compilation and checkpointing")
+    n_ckpt = min(checkpoint_layers, len(layers))
+    for i, layer in enumerate(layers):
+        if "forward" in vars(layer):
+            raise DistillError(f"block {i} of {type(model).__name__} already has a patched forward; restore it first.")
+        if not compile and i >= n_ckpt:
+            continue
+        fwd = layer.forward  # the class's forward, bound
+        if i < n_ckpt:
+            fwd = _checkpointed(fwd)
+        if compile:
+            # Checkpoint inside the compiled region: dynamo traces it and the partitioner recomputes the block in
+            # the backward graph. Compiling inside the checkpoint instead replays the compiled forward as an
+            # opaque call (saving, then dropping, every activation): measured on an H200 that cost ~1.4 ms per
+            # checkpointed block against ~0.3 ms of recomputed matmuls.
+            fwd = torch.compile(fwd, mode=compile_mode, fullgraph=False)
+        layer.forward = fwd
+        patch.layers.append(layer)
+    patch.checkpointed = n_ckpt
+    return patch
+
+
+def _checkpointed(fwd):
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fwd(*args, **kwargs)
+        return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+    return forward
