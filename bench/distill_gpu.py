@@ -5,7 +5,10 @@ tied), random init, fp32 master weights; teacher shaped like SmolLM2-1.7B (hidde
 32 heads, FFN 8192), bf16, frozen. Batch 8 × 1024 random tokens, bf16 autocast, fused AdamW in every row.
 
   naive  full logits of both models, kl_div over log_softmax (fp32)
-  ours   edgedistill.distill.losses.kd_loss: chunked, gradient formed in the forward pass
+  ours   edgedistill.distill.losses.kd_loss: chunked, gradient formed in the forward pass; options as in the
+         engine (distill/layers.py): +compile (torch.compile of each block of both models and of the loss's
+         chunk arithmetic), +ckpt (gradient checkpointing of every student block) or +ckptN (of the first N),
+         +chunkN (loss chunk of N tokens; default 2048)
   liger  LigerFusedLinearJSD(jsd_beta=0.0) on the last hidden states and lm_head weights
 
 Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TFLOP/s
@@ -13,11 +16,13 @@ Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TF
 Needs a CUDA build of torch, transformers and (for the third row) liger-kernel + triton: the GPU
 machine has no package index, so carry their wheels. `--smoke` runs tiny shapes on CPU (no Liger).
 
-    python bench/distill_gpu.py [--steps 10] [--rows naive,liger,ours,ours+ckpt,ours+compile+ckpt]  # last line: JSON
+    python bench/distill_gpu.py [--steps 10] [--rows naive,liger,ours,ours+compile,ours+compile+ckpt8] [--out f.json]
+    # last line: JSON; --out also rewrites the JSON after every row, so a run cut short keeps what it measured
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgedistill.distill.layers import patch_layers  # noqa: E402
 from edgedistill.distill.losses import DenseTeacher, LossSpec, kd_loss  # noqa: E402
 
 FULL = {"student": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
@@ -53,8 +59,9 @@ def build(shape: dict, device: str):
     return student, teacher
 
 
-def step_fn(row: str, student, teacher, ids, device: str):
-    """`row` is naive, liger, or ours; variants of ours are chosen in run_row."""
+def step_fn(row: str, student, teacher, ids, device: str, compiled_loss: bool = False, chunk: int = 2048):
+    """`row` is naive, liger, or ours; variants of ours are chosen in run_row. The naive and Liger rows call the
+    models as HF's defaults do; ours as the engine does (use_cache=False: no KV cache is kept while training)."""
     autocast = torch.autocast(device, dtype=torch.bfloat16)
     if row == "liger":
         from liger_kernel.transformers import LigerFusedLinearJSD
@@ -63,7 +70,7 @@ def step_fn(row: str, student, teacher, ids, device: str):
     def step():
         with autocast:
             with torch.no_grad():
-                h_t = teacher.model(input_ids=ids).last_hidden_state
+                h_t = teacher.model(input_ids=ids, **({} if row != "ours" else {"use_cache": False})).last_hidden_state
             if row == "naive":
                 s_logits = student(input_ids=ids).logits
                 with torch.no_grad():
@@ -73,10 +80,10 @@ def step_fn(row: str, student, teacher, ids, device: str):
                                 F.log_softmax(t_logits.float().reshape(-1, V), -1), log_target=True,
                                 reduction="batchmean")  # mean over tokens
             else:
-                h_s = student.model(input_ids=ids).last_hidden_state
+                h_s = student.model(input_ids=ids, **({} if row != "ours" else {"use_cache": False})).last_hidden_state
                 if row == "ours":
                     loss = kd_loss(h_s, student.lm_head.weight, DenseTeacher(h_t, teacher.lm_head.weight),
-                                   LossSpec("forward_kl", chunk_tokens=2048))
+                                   LossSpec("forward_kl", chunk_tokens=chunk, compile=compiled_loss))
                 else:
                     H = h_s.shape[-1]
                     loss = liger(h_s.reshape(-1, H).to(torch.bfloat16), student.lm_head.weight.to(torch.bfloat16),
@@ -102,24 +109,40 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
-    """`spec`: naive | liger | ours[+compile][+ckpt] (compile: torch.compile of both backbones;
-    ckpt: gradient checkpointing of the student)."""
+def parse_row(spec: str) -> tuple[str, bool, int, int]:
     row, *opts = spec.split("+")
-    unknown = set(opts) - {"compile", "ckpt"}
-    if unknown or row not in ("naive", "liger", "ours") or (opts and row != "ours"):
-        sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile][+ckpt]")
-    compile_, checkpointing = "compile" in opts, "ckpt" in opts
+    compile_, n_ckpt, chunk = False, 0, 2048
+    for o in opts:
+        if o == "compile":
+            compile_ = True
+        elif o.startswith("chunk") and o[5:].isdigit():
+            chunk = int(o[5:])
+        elif o == "ckpt":
+            n_ckpt = 10**6
+        elif o.startswith("ckpt") and o[4:].isdigit():
+            n_ckpt = int(o[4:])
+        else:
+            sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile][+ckpt|+ckptN][+chunkN]")
+    if row not in ("naive", "liger", "ours") or (opts and row != "ours"):
+        sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile][+ckpt|+ckptN][+chunkN]")
+    return row, compile_, n_ckpt, chunk
+
+
+def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
+    """`spec`: naive | liger | ours[+compile][+ckpt|+ckptN] (the engine's switches, distill/layers.py)."""
+    row, compile_, n_ckpt, chunk = parse_row(spec)
+    gc.collect()  # the rows before this one are gone (patched forwards make reference cycles)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     student, teacher = build(shape, device)
+    n_ckpt = min(n_ckpt, student.config.num_hidden_layers)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
-    step = step_fn(row, student, teacher, ids, device)
-    if compile_:
-        student.model.compile()
-        teacher.model.compile()
-    if checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step = step_fn(row, student, teacher, ids, device, compiled_loss=compile_, chunk=chunk)
+    patch_layers(student, compile=compile_, checkpoint_layers=n_ckpt)
+    patch_layers(teacher, compile=compile_)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def one():
@@ -128,22 +151,33 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
         opt.step()
         return loss
 
+    t_warm = time.perf_counter()
     for _ in range(2):  # warm-up: allocator, kernels, compile
         one()
     sync()
+    warm_s = time.perf_counter() - t_warm
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    cuda = device == "cuda"
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
     t = time.perf_counter()
-    for _ in range(steps):
+    if cuda:
+        marks[0].record()
+    for i in range(steps):
         loss = one()
+        if cuda:
+            marks[i + 1].record()
     sync()
     sec = (time.perf_counter() - t) / steps
+    step_ms = [round(a.elapsed_time(b), 1) for a, b in zip(marks, marks[1:])]
     tokens = shape["batch"] * shape["seq"]
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
     out = {"tok_s": round(tokens / sec, 1), "loss": round(float(loss.detach()), 5),
-           "model_tflops": round((6 * n_s + 2 * n_t) * tokens / sec / 1e12, 2)}
+           "model_tflops": round((6 * n_s + 2 * n_t) * tokens / sec / 1e12, 2), "warmup_s": round(warm_s, 1)}
     out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    out["step_ms"] = step_ms
+    out["resident_before_gib"] = None if resident is None else round(resident, 3)  # left over by earlier rows
     del student, teacher, opt
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -153,7 +187,8 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rows", default="naive,liger,ours,ours+ckpt,ours+compile,ours+compile+ckpt",
+    ap.add_argument("--out", default=None, help="also write the JSON here after every row")
+    ap.add_argument("--rows", default="naive,liger,ours,ours+compile,ours+compile+ckpt8,ours+compile+ckpt",
                     help="comma-separated: naive | liger | ours[+compile][+ckpt] (ckpt: gradient checkpointing, "
                          "since student activations dominate the peak once the logits are gone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
@@ -182,13 +217,21 @@ def main() -> None:
         if peak and "model_tflops" in res[row]:
             res[row]["mfu"] = round(res[row]["model_tflops"] / peak, 3)
         print(f"   {res[row]}", file=sys.stderr, flush=True)
+        _ratios(res)
+        if a.out:
+            tmp = Path(a.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps(res))
+            tmp.replace(a.out)
+    print(json.dumps(res))
+
+
+def _ratios(res: dict) -> None:
     naive = res.get("naive", {})
     for row, r in list(res.items()):
         if isinstance(r, dict) and "tok_s" in r and row != "naive" and "tok_s" in naive:
             r["vs_naive_tok_s"] = round(r["tok_s"] / naive["tok_s"], 3)
             if naive.get("peak_gib"):
                 r["vs_naive_peak"] = round(r["peak_gib"] / naive["peak_gib"], 3)
-    print(json.dumps(res))
 
 
 if __name__ == "__main__":
