@@ -8,7 +8,8 @@ tied), random init, fp32 master weights; teacher shaped like SmolLM2-1.7B (hidde
   ours   edgedistill.distill.losses.kd_loss: chunked, gradient formed in the forward pass; options as in the
          engine (distill/layers.py): +compile (torch.compile of each block of both models and of the loss's
          chunk arithmetic), +ckpt (gradient checkpointing of every student block) or +ckptN (of the first N),
-         +chunkN (loss chunk of N tokens; default 2048)
+         +chunkN (loss chunk of N tokens; default 2048), +cg (compile with CUDA graphs: "reduce-overhead", for a
+         host where kernel launches are slow, e.g. a sandboxed one)
   liger  LigerFusedLinearJSD(jsd_beta=0.0) on the last hidden states and lm_head weights
 
 Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TFLOP/s
@@ -109,12 +110,14 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def parse_row(spec: str) -> tuple[str, bool, int, int]:
+def parse_row(spec: str) -> tuple[str, bool, int, int, str | None]:
     row, *opts = spec.split("+")
-    compile_, n_ckpt, chunk = False, 0, 2048
+    compile_, n_ckpt, chunk, mode = False, 0, 2048, None
     for o in opts:
         if o == "compile":
             compile_ = True
+        elif o == "cg":  # torch.compile's CUDA graphs for the blocks (mode "reduce-overhead")
+            compile_, mode = True, "reduce-overhead"
         elif o.startswith("chunk") and o[5:].isdigit():
             chunk = int(o[5:])
         elif o == "ckpt":
@@ -122,15 +125,15 @@ def parse_row(spec: str) -> tuple[str, bool, int, int]:
         elif o.startswith("ckpt") and o[4:].isdigit():
             n_ckpt = int(o[4:])
         else:
-            sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile][+ckpt|+ckptN][+chunkN]")
+            sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile|+cg][+ckpt|+ckptN][+chunkN]")
     if row not in ("naive", "liger", "ours") or (opts and row != "ours"):
-        sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile][+ckpt|+ckptN][+chunkN]")
-    return row, compile_, n_ckpt, chunk
+        sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile|+cg][+ckpt|+ckptN][+chunkN]")
+    return row, compile_, n_ckpt, chunk, mode
 
 
 def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
     """`spec`: naive | liger | ours[+compile][+ckpt|+ckptN] (the engine's switches, distill/layers.py)."""
-    row, compile_, n_ckpt, chunk = parse_row(spec)
+    row, compile_, n_ckpt, chunk, mode = parse_row(spec)
     gc.collect()  # the rows before this one are gone (patched forwards make reference cycles)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -141,8 +144,8 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
     step = step_fn(row, student, teacher, ids, device, compiled_loss=compile_, chunk=chunk)
-    patch_layers(student, compile=compile_, checkpoint_layers=n_ckpt)
-    patch_layers(teacher, compile=compile_)
+    patch_layers(student, compile=compile_, checkpoint_layers=n_ckpt, compile_mode=mode)
+    patch_layers(teacher, compile=compile_, compile_mode=mode)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def one():
@@ -188,7 +191,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=None, help="also write the JSON here after every row")
-    ap.add_argument("--rows", default="naive,liger,ours,ours+compile,ours+compile+ckpt8,ours+compile+ckpt6+chunk1024",
+    ap.add_argument("--rows", default="naive,liger,ours,ours+compile,ours+compile+ckpt8,ours+compile+ckpt6+chunk1024,ours+cg+ckpt6+chunk1024",
                     help="comma-separated: naive | liger | ours[+compile][+ckpt] (ckpt: gradient checkpointing, "
                          "since student activations dominate the peak once the logits are gone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
