@@ -187,12 +187,14 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_model_dir, tiny_
             return self.inner.next_batch()
 
     from edgedistill.data.batches import TextBatches
-    cfg = KDConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, checkpoint_every=2)
+    cfg = KDConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, checkpoint_every=2, gradient_checkpointing=1)
     with pytest.raises(DistillError, match=r"at step 3.*last good checkpoint \(step 2\)"):
         distill(teacher, student, PoisonAfter(TextBatches(stream, 32, 2)), cfg, tmp_path / "s",
                 checkpoint_dir=tmp_path / "ck")
     assert torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (tmp_path / "s").exists()
+    # the checkpointed block's patched forward is gone again: the caller's model is as it was
+    assert not any("forward" in vars(m) for m in student.modules())
 
 
 def test_resume_from_checkpoint_reaches_the_same_weights(tiny_model_dir, stream, tmp_path):

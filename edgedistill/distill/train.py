@@ -187,10 +187,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     offline = isinstance(data, CachedTeacherBatches)
     place(teacher, device).eval().requires_grad_(False)
     student.to(device).train()
-    n_ckpt = checkpoint_count(cfg.gradient_checkpointing, len(decoder_layers(student, DistillError, "distillation")))
-    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=n_ckpt)]
-    if cfg.compile and not offline:
-        patches.append(patch_layers(teacher, compile=True))
+    n_ckpt = 0 if cfg.gradient_checkpointing is False else checkpoint_count(
+        cfg.gradient_checkpointing, len(decoder_layers(student, DistillError, "gradient checkpointing")))
     spec = dataclasses.replace(cfg.loss, compile=True) if cfg.compile else cfg.loss
     step_fn = StudentLoss(student, spec, cfg.quantize_aware)
     if world > 1:
@@ -216,6 +214,14 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     losses, evals, step_seconds, tokens, good_step = [], [], [], 0, start
     t0 = time.perf_counter()
     label = f"distill ({cfg.loss.kind}{', QAT ' + cfg.quantize_aware if cfg.quantize_aware else ''})"
+    # Patched last, restored in `finally`: an error anywhere above leaves the caller's models untouched.
+    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=n_ckpt)]
+    if cfg.compile and not offline:
+        try:
+            patches.append(patch_layers(teacher, compile=True))
+        except Exception:
+            patches[0].restore()
+            raise
     try:
         with progress_bar(label, total=cfg.steps - start) as bar:
             for step in range(start, cfg.steps):
