@@ -110,7 +110,7 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def parse_row(spec: str) -> tuple[str, bool, int, int, str | None]:
+def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None]:
     row, *opts = spec.split("+")
     compile_, n_ckpt, chunk, mode = False, 0, 2048, None
     for o in opts:
@@ -121,7 +121,7 @@ def parse_row(spec: str) -> tuple[str, bool, int, int, str | None]:
         elif o.startswith("chunk") and o[5:].isdigit():
             chunk = int(o[5:])
         elif o == "ckpt":
-            n_ckpt = 10**6
+            n_ckpt = True
         elif o.startswith("ckpt") and o[4:].isdigit():
             n_ckpt = int(o[4:])
         else:
@@ -139,7 +139,6 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
         torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     student, teacher = build(shape, device)
-    n_ckpt = min(n_ckpt, student.config.num_hidden_layers)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)

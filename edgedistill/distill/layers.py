@@ -28,7 +28,6 @@ from ..errors import DistillError
 @dataclass
 class LayerPatch:
     layers: list = field(default_factory=list)
-    compiled: bool = False
     checkpointed: int = 0
 
     def restore(self) -> None:
@@ -47,14 +46,16 @@ def checkpoint_count(setting: bool | int, n_layers: int) -> int:
     return min(int(setting), n_layers)
 
 
-def patch_layers(model, *, compile: bool = False, checkpoint_layers: int = 0,
+def patch_layers(model, *, compile: bool = False, checkpoint_layers: bool | int = 0,
                  compile_mode: str | None = None) -> LayerPatch:
-    """Give each block of `model` a compiled and/or checkpointed forward (see the module docstring)."""
-    patch = LayerPatch(compiled=compile)
-    if not compile and checkpoint_layers <= 0:
+    """Give each block of `model` a compiled and/or checkpointed forward (see the module docstring).
+    `checkpoint_layers` is read as `checkpoint_count` reads distill.gradient_checkpointing. A model without a
+    recognised block list is only refused when something is asked for."""
+    patch = LayerPatch()
+    if not compile and checkpoint_count(checkpoint_layers, 1) == 0:
         return patch
     layers = decoder_layers(model, DistillError, "per-block compilation and checkpointing")
-    n_ckpt = min(checkpoint_layers, len(layers))
+    n_ckpt = checkpoint_count(checkpoint_layers, len(layers))
     for i, layer in enumerate(layers):
         if "forward" in vars(layer):
             raise DistillError(f"block {i} of {type(model).__name__} already has a patched forward; restore it first.")

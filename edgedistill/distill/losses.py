@@ -22,6 +22,7 @@ count of the whole optimizer step and gets the same gradient as one big batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -153,16 +154,14 @@ def _chunk_loss_and_grad(z: torch.Tensor, t_logits: torch.Tensor, labels: torch.
     return loss, grad.to(out_dtype)
 
 
-_COMPILED_CHUNK = []
+@functools.cache
+def _compiled_chunk():
+    return torch.compile(_chunk_loss_and_grad, dynamic=None)
 
 
 def _chunk_fn(spec: LossSpec):
     """The chunk arithmetic, compiled once per process when the spec asks for it."""
-    if not spec.compile:
-        return _chunk_loss_and_grad
-    if not _COMPILED_CHUNK:
-        _COMPILED_CHUNK.append(torch.compile(_chunk_loss_and_grad, dynamic=None))
-    return _COMPILED_CHUNK[0]
+    return _compiled_chunk() if spec.compile else _chunk_loss_and_grad
 
 
 class _ChunkedKD(torch.autograd.Function):

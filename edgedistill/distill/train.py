@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..blocks import decoder_layers
 from ..data.batches import Batch, TextBatches
 from ..errors import DistillError
 from ..progress import progress_bar
@@ -85,9 +84,7 @@ class KDConfig:
             self.loss = LossSpec(temperature=self.temperature)
         if self.quantize_aware:
             qat.check_grid(self.quantize_aware)
-        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing < 0:
-            raise DistillError(f"gradient_checkpointing {self.gradient_checkpointing}: expected true, false or a "
-                               "number of blocks ≥ 0.")
+        checkpoint_count(self.gradient_checkpointing, 0)  # refuses a negative block count, naming the field
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DistillError(f"precision '{self.precision}' is unknown; expected auto, fp32 or bf16.")
 
@@ -187,8 +184,6 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     offline = isinstance(data, CachedTeacherBatches)
     place(teacher, device).eval().requires_grad_(False)
     student.to(device).train()
-    n_ckpt = 0 if cfg.gradient_checkpointing is False else checkpoint_count(
-        cfg.gradient_checkpointing, len(decoder_layers(student, DistillError, "gradient checkpointing")))
     spec = dataclasses.replace(cfg.loss, compile=True) if cfg.compile else cfg.loss
     step_fn = StudentLoss(student, spec, cfg.quantize_aware)
     if world > 1:
@@ -215,7 +210,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     t0 = time.perf_counter()
     label = f"distill ({cfg.loss.kind}{', QAT ' + cfg.quantize_aware if cfg.quantize_aware else ''})"
     # Patched last, restored in `finally`: an error anywhere above leaves the caller's models untouched.
-    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=n_ckpt)]
+    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=cfg.gradient_checkpointing)]
+    n_ckpt = patches[0].checkpointed
     if cfg.compile and not offline:
         try:
             patches.append(patch_layers(teacher, compile=True))
