@@ -9,7 +9,8 @@ tied), random init, fp32 master weights; teacher shaped like SmolLM2-1.7B (hidde
          engine (distill/layers.py): +compile (torch.compile of each block of both models and of the loss's
          chunk arithmetic), +ckpt (gradient checkpointing of every student block) or +ckptN (of the first N),
          +chunkN (loss chunk of N tokens; default 2048), +cg (compile with CUDA graphs: "reduce-overhead", for a
-         host where kernel launches are slow, e.g. a sandboxed one)
+         host where kernel launches are slow, e.g. a sandboxed one), +budgetNN (compile's activation memory
+         budget, NN% of what its partitioner would save: it recomputes the cheapest activations, pointwise first)
   liger  LigerFusedLinearJSD(jsd_beta=0.0) on the last hidden states and lm_head weights
 
 Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TFLOP/s
@@ -110,9 +111,12 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None]:
+ROW_GRAMMAR = "naive, liger or ours[+compile|+cg][+ckpt|+ckptN][+chunkN][+budgetNN]"
+
+
+def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None, float | None]:
     row, *opts = spec.split("+")
-    compile_, n_ckpt, chunk, mode = False, 0, 2048, None
+    compile_, n_ckpt, chunk, mode, budget = False, 0, 2048, None, None
     for o in opts:
         if o == "compile":
             compile_ = True
@@ -124,16 +128,20 @@ def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None]:
             n_ckpt = True
         elif o.startswith("ckpt") and o[4:].isdigit():
             n_ckpt = int(o[4:])
+        elif o.startswith("budget") and o[6:].isdigit() and 0 < int(o[6:]) < 100:
+            budget = int(o[6:]) / 100
         else:
-            sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile|+cg][+ckpt|+ckptN][+chunkN]")
-    if row not in ("naive", "liger", "ours") or (opts and row != "ours"):
-        sys.exit(f"bad row '{spec}': expected naive, liger or ours[+compile|+cg][+ckpt|+ckptN][+chunkN]")
-    return row, compile_, n_ckpt, chunk, mode
+            sys.exit(f"bad row '{spec}': expected {ROW_GRAMMAR}")
+    if row not in ("naive", "liger", "ours") or (opts and row != "ours") or (budget and not compile_):
+        sys.exit(f"bad row '{spec}': expected {ROW_GRAMMAR} (a budget needs +compile or +cg)")
+    return row, compile_, n_ckpt, chunk, mode, budget
 
 
-def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
-    """`spec`: naive | liger | ours[+compile][+ckpt|+ckptN] (the engine's switches, distill/layers.py)."""
-    row, compile_, n_ckpt, chunk, mode = parse_row(spec)
+def run_row(spec: str, shape: dict, device: str, steps: int, profile_dir: Path | None = None) -> dict:
+    """`spec`: see ROW_GRAMMAR (the engine's switches, distill/layers.py)."""
+    row, compile_, n_ckpt, chunk, mode, budget = parse_row(spec)
+    if compile_:  # each row compiles its own graphs: dynamo would reuse an earlier row's (same code objects)
+        torch._dynamo.reset()
     gc.collect()  # the rows before this one are gone (patched forwards make reference cycles)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -143,7 +151,7 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen).to(device)
     step = step_fn(row, student, teacher, ids, device, compiled_loss=compile_, chunk=chunk)
-    patch_layers(student, compile=compile_, checkpoint_layers=n_ckpt, compile_mode=mode)
+    patch_layers(student, compile=compile_, checkpoint_layers=n_ckpt, compile_mode=mode, memory_budget=budget)
     patch_layers(teacher, compile=compile_, compile_mode=mode)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -162,11 +170,14 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cuda = device == "cuda"
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
+    host = []
     t = time.perf_counter()
     if cuda:
         marks[0].record()
     for i in range(steps):
+        h0 = time.perf_counter()
         loss = one()
+        host.append(time.perf_counter() - h0)
         if cuda:
             marks[i + 1].record()
     sync()
@@ -180,10 +191,62 @@ def run_row(spec: str, shape: dict, device: str, steps: int) -> dict:
     out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
     out["step_ms"] = step_ms
     out["resident_before_gib"] = None if resident is None else round(resident, 3)  # left over by earlier rows
+    # Python's time to issue each step (no sync inside a step): near the GPU step time only when the launch queue is
+    # full, i.e. the host is ahead; see the profile for whether the GPU ever waits on it.
+    out["host_ms"] = [round(1e3 * h, 1) for h in host]
+    if profile_dir is not None:
+        out["profile"] = profile_steps(one, spec, profile_dir)
     del student, teacher, opt
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def profile_steps(one, spec: str, out_dir: Path, steps: int = 3) -> dict:
+    """Three more steps under torch.profiler: how busy the GPU was (the union of kernel intervals over the span
+    from the first kernel to the last), the longest idle gaps, and the kernels that took the time. The top-kernel
+    table goes to `out_dir`/profile_<row>.txt; the trace itself is parsed here and deleted (tens of MB)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            one()
+        sync()
+    name = spec.replace("+", "_")
+    trace = out_dir / f"trace_{name}.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    trace.unlink()
+    # --smoke on CPU: the same arithmetic over CPU ops (nested ones overlap; only checks the script)
+    cats = ("kernel", "gpu_memcpy", "gpu_memset") if cuda else ("cpu_op",)
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
+                     if e.get("ph") == "X" and e.get("cat") in cats)
+    if not kernels:
+        return {"error": "no kernel events in the trace"}
+    busy, gaps, (cur0, cur1) = 0.0, [], kernels[0][:2]
+    for a, b, _ in kernels[1:]:
+        if a > cur1:
+            busy += cur1 - cur0
+            gaps.append(a - cur1)
+            cur0, cur1 = a, b
+        else:
+            cur1 = max(cur1, b)
+    busy += cur1 - cur0
+    span = kernels[-1][1] - kernels[0][0]
+    by_name: dict[str, float] = {}
+    for a, b, n in kernels:
+        by_name[n] = by_name.get(n, 0.0) + (b - a)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    (out_dir / f"profile_{name}.txt").write_text(
+        "\n".join(f"{us / steps / 1e3:9.2f} ms/step  {n[:160]}" for n, us in top) + "\n\n"
+        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    gaps.sort(reverse=True)
+    return {"gpu_busy_fraction": round(busy / span, 3), "span_ms_per_step": round(span / steps / 1e3, 1),
+            "busy_ms_per_step": round(busy / steps / 1e3, 1), "kernels_per_step": len(kernels) // steps,
+            "idle_gaps_over_50us_ms_per_step": round(sum(g for g in gaps if g > 50) / steps / 1e3, 2),
+            "longest_gaps_us": [round(g) for g in gaps[:8]]}
 
 
 def main() -> None:
@@ -194,7 +257,14 @@ def main() -> None:
                     help="comma-separated: naive | liger | ours[+compile][+ckpt] (ckpt: gradient checkpointing, "
                          "since student activations dominate the peak once the logits are gone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
+    ap.add_argument("--profile-rows", default="", help="comma-separated rows to profile for 3 more steps (GPU busy "
+                                                      "fraction, idle gaps, top kernels) into --profile-dir")
+    ap.add_argument("--profile-dir", default=None, help="where profile_<row>.txt go (default: beside --out)")
     a = ap.parse_args()
+    for row in a.rows.split(","):
+        parse_row(row)  # a typo costs nothing yet: before the GPU's minutes start counting on model builds
+    prof_rows = set(filter(None, a.profile_rows.split(",")))
+    prof_dir = Path(a.profile_dir or (Path(a.out).parent if a.out else "."))
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not a.smoke:
         sys.exit("no CUDA device: this benchmark needs a GPU (use --smoke to check the script on CPU)")
@@ -209,7 +279,7 @@ def main() -> None:
             res[row] = {"skipped": "Liger's kernels are Triton (GPU only)"}
             continue
         try:
-            res[row] = run_row(row, shape, device, a.steps)
+            res[row] = run_row(row, shape, device, a.steps, prof_dir if row in prof_rows else None)
         except torch.OutOfMemoryError:
             res[row] = {"oom": True}
         except ImportError as e:

@@ -90,3 +90,35 @@ def test_recipe_takes_a_block_count_or_a_switch_and_the_engine_reports_it():
         DistillSpec.model_validate({"gradient_checkpointing": -2})
     with pytest.raises(DistillError, match="blocks"):
         KDConfig(steps=1, batch_size=1, seq_len=8, lr=1e-3, gradient_checkpointing=-1)
+
+
+def test_memory_budget_makes_the_compiled_blocks_save_less_and_keeps_gradients():
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    model = _model(2)
+    ref_h, ref_g = _grads(model, ids)
+
+    def saved_bytes():
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=ids, use_cache=False).last_hidden_state.sum()
+        return sum(seen.values())
+
+    sizes = []
+    for budget in (None, 0.05):
+        torch._dynamo.reset()  # the budget acts when a block compiles
+        patch = patch_layers(model, compile=True, memory_budget=budget)
+        h, g = _grads(model, ids)
+        torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+        for k in ref_g:
+            torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6)
+        sizes.append(saved_bytes())
+        patch.restore()
+    assert sizes[1] < sizes[0]
+    with pytest.raises(DistillError, match="fraction"):
+        patch_layers(model, compile=True, memory_budget=1.5)
+    with pytest.raises(DistillError, match="compile on"):
+        patch_layers(model, memory_budget=0.5)

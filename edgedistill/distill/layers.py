@@ -47,10 +47,16 @@ def checkpoint_count(setting: bool | int, n_layers: int) -> int:
 
 
 def patch_layers(model, *, compile: bool = False, checkpoint_layers: bool | int = 0,
-                 compile_mode: str | None = None) -> LayerPatch:
+                 compile_mode: str | None = None, memory_budget: float | None = None) -> LayerPatch:
     """Give each block of `model` a compiled and/or checkpointed forward (see the module docstring).
     `checkpoint_layers` is read as `checkpoint_count` reads distill.gradient_checkpointing. A model without a
-    recognised block list is only refused when something is asked for."""
+    recognised block list is only refused when something is asked for.
+
+    `memory_budget` (compile only, 0 < b < 1): the compiled block's partitioner keeps about that fraction of the
+    activations it would save for backward and recomputes the rest, cheapest first (pointwise ops before matmuls:
+    torch._functorch.config.activation_memory_budget, set while the block compiles)."""
+    if memory_budget is not None and not (compile and 0.0 < memory_budget < 1.0):
+        raise DistillError(f"memory_budget {memory_budget}: expected a fraction in (0, 1), with compile on.")
     patch = LayerPatch()
     if not compile and checkpoint_count(checkpoint_layers, 1) == 0:
         return patch
@@ -70,10 +76,23 @@ def patch_layers(model, *, compile: bool = False, checkpoint_layers: bool | int 
             # opaque call (saving, then dropping, every activation): measured on an H200 that cost ~1.4 ms per
             # checkpointed block against ~0.3 ms of recomputed matmuls.
             fwd = torch.compile(fwd, mode=compile_mode, fullgraph=False)
+            if memory_budget is not None:
+                fwd = _with_budget(fwd, memory_budget)
         layer.forward = fwd
         patch.layers.append(layer)
     patch.checkpointed = n_ckpt
     return patch
+
+
+def _with_budget(fwd, budget: float):
+    """The compiled forward with the partitioner's activation budget in force: compilation is lazy (first call,
+    and any recompile), so the setting must hold at call time, not when torch.compile is called."""
+    import torch._functorch.config as functorch_config
+
+    def forward(*args, **kwargs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return fwd(*args, **kwargs)
+    return forward
 
 
 def _checkpointed(fwd):
