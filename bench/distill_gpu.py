@@ -111,12 +111,12 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-ROW_GRAMMAR = "naive, liger or ours[+compile|+cg][+ckpt|+ckptN][+chunkN][+budgetNN]"
+ROW_GRAMMAR = "naive, liger or ours[+compile|+cg][+cpp][+ckpt|+ckptN][+chunkN][+budgetNN]"
 
 
-def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None, float | None]:
+def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None, float | None, bool]:
     row, *opts = spec.split("+")
-    compile_, n_ckpt, chunk, mode, budget = False, 0, 2048, None, None
+    compile_, n_ckpt, chunk, mode, budget, cpp = False, 0, 2048, None, None, False
     for o in opts:
         if o == "compile":
             compile_ = True
@@ -130,18 +130,22 @@ def parse_row(spec: str) -> tuple[str, bool, bool | int, int, str | None, float 
             n_ckpt = int(o[4:])
         elif o.startswith("budget") and o[6:].isdigit() and 0 < int(o[6:]) < 100:
             budget = int(o[6:]) / 100
+        elif o == "cpp":  # inductor's C++ wrapper: kernels launched from generated C++, not Python
+            cpp = True
         else:
             sys.exit(f"bad row '{spec}': expected {ROW_GRAMMAR}")
-    if row not in ("naive", "liger", "ours") or (opts and row != "ours") or (budget and not compile_):
-        sys.exit(f"bad row '{spec}': expected {ROW_GRAMMAR} (a budget needs +compile or +cg)")
-    return row, compile_, n_ckpt, chunk, mode, budget
+    if row not in ("naive", "liger", "ours") or (opts and row != "ours") or ((budget or cpp) and not compile_):
+        sys.exit(f"bad row '{spec}': expected {ROW_GRAMMAR} (+budget and +cpp need +compile or +cg)")
+    return row, compile_, n_ckpt, chunk, mode, budget, cpp
 
 
 def run_row(spec: str, shape: dict, device: str, steps: int, profile_dir: Path | None = None) -> dict:
     """`spec`: see ROW_GRAMMAR (the engine's switches, distill/layers.py)."""
-    row, compile_, n_ckpt, chunk, mode, budget = parse_row(spec)
+    row, compile_, n_ckpt, chunk, mode, budget, cpp = parse_row(spec)
     if compile_:  # each row compiles its own graphs: dynamo would reuse an earlier row's (same code objects)
         torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+    inductor_config.cpp_wrapper = cpp  # read when a graph compiles (lazily, in the warm-up steps)
     gc.collect()  # the rows before this one are gone (patched forwards make reference cycles)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -155,7 +159,11 @@ def run_row(spec: str, shape: dict, device: str, steps: int, profile_dir: Path |
     patch_layers(teacher, compile=compile_, compile_mode=mode)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+    graphs = mode == "reduce-overhead"
+
     def one():
+        if graphs:  # a new iteration: CUDA-graph trees may reuse the last step's static outputs from here on
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         loss = step()
         opt.step()
