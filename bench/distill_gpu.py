@@ -13,7 +13,10 @@ tied), random init, fp32 master weights; teacher shaped like SmolLM2-1.7B (hidde
          budget, NN% of what its partitioner would save: it recomputes the cheapest activations, pointwise first)
   liger  LigerFusedLinearJSD(jsd_beta=0.0) on the last hidden states and lm_head weights
 
-Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), model TFLOP/s
+Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated from before the warm-up steps, so that
+CUDA-graph rows count their graphs' memory pools: a replay writes into memory the allocator handed out while
+recording, and a peak reset after recording would miss it; `reserved_gib`, the allocator's peak reservation,
+is the cross-check), model TFLOP/s
 ((6·N_student + 2·N_teacher)·tokens / time) and its fraction of a measured 8192³ bf16 matmul.
 Needs a CUDA build of torch, transformers and (for the third row) liger-kernel + triton: the GPU
 machine has no package index, so carry their wheels. `--smoke` runs tiny shapes on CPU (no Liger).
@@ -169,13 +172,13 @@ def run_row(spec: str, shape: dict, device: str, steps: int, profile_dir: Path |
         opt.step()
         return loss
 
+    if device == "cuda":  # before the warm-up: CUDA-graph trees allocate their pools while recording
+        torch.cuda.reset_peak_memory_stats()
     t_warm = time.perf_counter()
-    for _ in range(2):  # warm-up: allocator, kernels, compile
+    for _ in range(3):  # warm-up: allocator, kernels, compile (CUDA-graph trees: a warm-up run, then recording)
         one()
     sync()
     warm_s = time.perf_counter() - t_warm
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     cuda = device == "cuda"
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
     host = []
@@ -197,6 +200,7 @@ def run_row(spec: str, shape: dict, device: str, steps: int, profile_dir: Path |
     out = {"tok_s": round(tokens / sec, 1), "loss": round(float(loss.detach()), 5),
            "model_tflops": round((6 * n_s + 2 * n_t) * tokens / sec / 1e12, 2), "warmup_s": round(warm_s, 1)}
     out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     out["step_ms"] = step_ms
     out["resident_before_gib"] = None if resident is None else round(resident, 3)  # left over by earlier rows
     # Python's time to issue each step (no sync inside a step): near the GPU step time only when the launch queue is
@@ -204,7 +208,10 @@ def run_row(spec: str, shape: dict, device: str, steps: int, profile_dir: Path |
     out["host_ms"] = [round(1e3 * h, 1) for h in host]
     if profile_dir is not None:
         out["profile"] = profile_steps(one, spec, profile_dir)
-    del student, teacher, opt
+    del student, teacher, opt, step, one
+    if compile_:  # frees the compiled graphs and CUDA-graph pools, which would count in the next row's memory
+        torch._dynamo.reset()
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -312,6 +319,8 @@ def _ratios(res: dict) -> None:
             r["vs_naive_tok_s"] = round(r["tok_s"] / naive["tok_s"], 3)
             if naive.get("peak_gib"):
                 r["vs_naive_peak"] = round(r["peak_gib"] / naive["peak_gib"], 3)
+            if naive.get("reserved_gib") and r.get("reserved_gib"):
+                r["vs_naive_reserved"] = round(r["reserved_gib"] / naive["reserved_gib"], 3)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The distillation engine's own loop (distill.train.distill) on whatever device this machine has: eager vs
-compiled + partial checkpointing, with on-policy batches and held-out evaluation, on small random Llama models.
+compiled + partial checkpointing vs compiled + CUDA graphs + a memory budget, with on-policy batches and held-out evaluation, on small random Llama models.
 
 Not a speed benchmark (bench/distill_gpu.py is): it checks that the GPU code paths of the loop run and that
 the compiled, checkpointed run follows the eager one (same seed, same data: loss curves within bf16 noise).
@@ -36,17 +36,23 @@ def main() -> None:
     stream = torch.randint(0, 8192, (200_000,), generator=g).tolist()
     heldout = [TextBatches(stream[-20_000:], 256, 4, seed=1).next_batch()]
     out = {"bench": "gpu_engine_check", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    for name, extra in (("eager", {}), ("compile+ckpt2", {"compile": True, "gradient_checkpointing": 2})):
+    runs = (("eager", {}), ("compile+ckpt2", {"compile": True, "gradient_checkpointing": 2}),
+            ("compile+graphs+budget50", {"compile": True, "cuda_graphs": True, "memory_budget": 0.5}))
+    for name, extra in runs:
+        torch._dynamo.reset()  # each run compiles (and records) its own graphs
         teacher, student = models()
         cfg = KDConfig(steps=12, batch_size=8, seq_len=256, lr=1e-3, on_policy_fraction=0.25, max_new_tokens=32,
                        eval_every=6, seed=0, **extra)
         with tempfile.TemporaryDirectory() as d:
             m = distill(teacher, student, stream[:-20_000], cfg, Path(d) / "s", heldout=heldout)
-        out[name] = {k: m[k] for k in ("precision", "compiled", "checkpointed_blocks", "tokens_per_s", "loss_curve")}
+        out[name] = {k: m[k] for k in ("precision", "compiled", "cuda_graphs", "memory_budget", "checkpointed_blocks",
+                                       "tokens_per_s", "loss_curve")}
         out[name]["evals"] = m["evals"]
         print(name, out[name], file=sys.stderr, flush=True)
-    a, b = out["eager"]["loss_curve"], out["compile+ckpt2"]["loss_curve"]
-    out["max_rel_loss_diff"] = round(max(abs(x - y) / abs(x) for x, y in zip(a, b)), 4)
+    a = out["eager"]["loss_curve"]
+    for name, _ in runs[1:]:
+        b = out[name]["loss_curve"]
+        out[f"max_rel_loss_diff_{name}"] = round(max(abs(x - y) / abs(x) for x, y in zip(a, b)), 4)
     print(json.dumps(out))
 
 

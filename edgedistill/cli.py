@@ -195,6 +195,10 @@ def distill_cmd(
         gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
         checkpoint_blocks: Optional[int] = typer.Option(None, help="gradient checkpointing of the first N student "
                                                         "blocks only (overrides --gradient-checkpointing)"),
+        cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                                   help="with --compile on a CUDA GPU: replay the blocks as CUDA graphs"),
+        memory_budget: Optional[float] = typer.Option(None, help="with --compile: fraction (0-1) of the blocks' "
+                                                      "saved activations kept; the cheapest others are recomputed"),
         eval_every: Optional[int] = typer.Option(None), checkpoint_every: Optional[int] = typer.Option(None),
         seed: Optional[int] = typer.Option(None)) -> None:
     """Distill a student from a teacher (the same fields as the recipe's distill: section)."""

@@ -75,6 +75,10 @@ class DistillSpec(Section):
     gradient_checkpointing: bool | int = Field(False, description="recompute block activations in backward: true for "
                                                "every student block, a number N for the first N (less memory, "
                                                "N/all of the recompute)")
+    cuda_graphs: bool = Field(False, description="with compile, on a CUDA GPU: replay the compiled blocks as CUDA graphs "
+                                                 "(kernel launches stop bounding the step); ignored on CPU")
+    memory_budget: float | None = Field(None, gt=0.0, lt=1.0, description="with compile: keep about this fraction of "
+                                        "the activations the compiled blocks would save, recomputing the cheapest ones")
 
     @field_validator("gradient_checkpointing")
     @classmethod
@@ -89,6 +93,9 @@ class DistillSpec(Section):
     def _fractions(self) -> "DistillSpec":
         if self.on_policy_fraction + self.sequence_kd_fraction > 1.0:
             raise ValueError("distill.on_policy_fraction + sequence_kd_fraction must be at most 1")
+        for name in ("cuda_graphs", "memory_budget"):
+            if getattr(self, name) not in (None, False) and not self.compile:
+                raise ValueError(f"distill.{name} acts on the compiled blocks: set distill.compile: true as well")
         return self
 
 

@@ -262,6 +262,12 @@ def test_torch_compile_path_runs_on_cpu(tiny_model_dir, stream, tmp_path):
     teacher, student = _pair(tiny_model_dir)
     m = distill(teacher, student, stream, KDConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, compile=True), tmp_path / "s")
     assert all(np.isfinite(m["loss_curve"]))
+    # the GPU switches are accepted on CPU: a memory budget acts, CUDA graphs are off (and reported so)
+    torch._dynamo.reset()
+    cfg = KDConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, compile=True, cuda_graphs=True, memory_budget=0.5,
+                   on_policy_fraction=0.5, max_new_tokens=8)
+    m = distill(teacher, student, stream, cfg, tmp_path / "s2", heldout=None)
+    assert all(np.isfinite(m["loss_curve"])) and m["cuda_graphs"] is False and m["memory_budget"] == 0.5
 
 
 @pytest.mark.slow

@@ -122,3 +122,33 @@ def test_memory_budget_makes_the_compiled_blocks_save_less_and_keeps_gradients()
         patch_layers(model, compile=True, memory_budget=1.5)
     with pytest.raises(DistillError, match="compile on"):
         patch_layers(model, memory_budget=0.5)
+
+
+def test_suspended_patches_run_the_blocks_own_forward_and_come_back():
+    model = _model(2)
+    patch = patch_layers(model, checkpoint_layers=2)
+    patched = [layer.forward for layer in model.model.layers]
+    with patch.suspended():
+        assert all("forward" not in vars(layer) for layer in model.model.layers)
+    assert [layer.forward for layer in model.model.layers] == patched
+    patch.restore()
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+def test_cuda_graphs_and_memory_budget_need_compile_and_a_fraction():
+    from edgedistill.distill.train import KDConfig
+    from edgedistill.recipe import DistillSpec
+    with pytest.raises(DistillError, match="distill.cuda_graphs .*compile: true"):
+        KDConfig(steps=1, batch_size=1, seq_len=8, lr=1e-3, cuda_graphs=True)
+    with pytest.raises(DistillError, match="distill.memory_budget .*compile: true"):
+        KDConfig(steps=1, batch_size=1, seq_len=8, lr=1e-3, memory_budget=0.5)
+    with pytest.raises(DistillError, match="fraction"):
+        KDConfig(steps=1, batch_size=1, seq_len=8, lr=1e-3, compile=True, memory_budget=2.0)
+    with pytest.raises(ValueError, match="compile: true"):
+        DistillSpec.model_validate({"cuda_graphs": True})
+    with pytest.raises(ValueError, match="memory_budget"):
+        DistillSpec.model_validate({"compile": True, "memory_budget": 1.0})
+    spec = DistillSpec.model_validate({"compile": True, "cuda_graphs": True, "memory_budget": 0.5})
+    from edgedistill.distill.run import kd_config
+    cfg = kd_config(spec)
+    assert cfg.cuda_graphs and cfg.memory_budget == 0.5

@@ -25,7 +25,8 @@ def kd_config(d: DistillSpec) -> KDConfig:
                     quantize_aware=d.quantize_aware, on_policy_fraction=d.on_policy_fraction,
                     sequence_kd_fraction=d.sequence_kd_fraction, max_new_tokens=d.max_new_tokens,
                     eval_every=d.eval_every, checkpoint_every=d.checkpoint_every, compile=d.compile,
-                    gradient_checkpointing=d.gradient_checkpointing, precision=d.precision)
+                    gradient_checkpointing=d.gradient_checkpointing, precision=d.precision,
+                    cuda_graphs=d.cuda_graphs, memory_budget=d.memory_budget)
 
 
 def heldout_batches(heldout_windows: list[list[int]], batch_size: int) -> list[Batch]:

@@ -8,6 +8,7 @@ loss; then clip, step, and now and then evaluate and checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -76,6 +77,8 @@ class KDConfig:
     checkpoint_every: int = 0
     compile: bool = False  # torch.compile of each block (student and teacher) and of the loss's chunk arithmetic
     gradient_checkpointing: bool | int = False  # True: every student block; N: the first N blocks
+    cuda_graphs: bool = False  # with compile on a CUDA device: the compiled blocks replay as CUDA graphs
+    memory_budget: float | None = None  # with compile: fraction of the blocks' saved activations kept for backward
     precision: str = "auto"  # auto: bf16 autocast where the device computes bf16 natively (native_bf16), else fp32
     extra: dict = field(default_factory=dict)
 
@@ -85,6 +88,11 @@ class KDConfig:
         if self.quantize_aware:
             qat.check_grid(self.quantize_aware)
         checkpoint_count(self.gradient_checkpointing, 0)  # refuses a negative block count, naming the field
+        for name in ("cuda_graphs", "memory_budget"):
+            if getattr(self, name) not in (None, False) and not self.compile:
+                raise DistillError(f"distill.{name} acts on the compiled blocks: set distill.compile: true as well.")
+        if self.memory_budget is not None and not 0.0 < self.memory_budget < 1.0:
+            raise DistillError(f"distill.memory_budget {self.memory_budget}: expected a fraction in (0, 1).")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DistillError(f"precision '{self.precision}' is unknown; expected auto, fp32 or bf16.")
 
@@ -210,11 +218,16 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
     t0 = time.perf_counter()
     label = f"distill ({cfg.loss.kind}{', QAT ' + cfg.quantize_aware if cfg.quantize_aware else ''})"
     # Patched last, restored in `finally`: an error anywhere above leaves the caller's models untouched.
-    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=cfg.gradient_checkpointing)]
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    mode = "reduce-overhead" if graphs else None
+    patches = [patch_layers(student, compile=cfg.compile, checkpoint_layers=cfg.gradient_checkpointing,
+                            compile_mode=mode, memory_budget=cfg.memory_budget)]
     n_ckpt = patches[0].checkpointed
+    # other shapes (generation with a KV cache, evaluation) on the blocks' own forwards when graphs are recorded
+    eager = (lambda: _all_suspended(patches)) if graphs else _null
     if cfg.compile and not offline:
         try:
-            patches.append(patch_layers(teacher, compile=True))
+            patches.append(patch_layers(teacher, compile=True, compile_mode=mode))
         except Exception:
             patches[0].restore()
             raise
@@ -232,7 +245,7 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
                     if u < cfg.on_policy_fraction + cfg.sequence_kd_fraction:
                         generator = student if u < cfg.on_policy_fraction else teacher
                         p_ids, p_attn = prompts.prompts(cfg.batch_size, max(1, cfg.seq_len - cfg.max_new_tokens))
-                        with autocast:
+                        with autocast, eager():
                             batch = generate_completions(generator, p_ids.to(device), p_attn.to(device),
                                                          cfg.max_new_tokens, _eos(tokenizer, student), _pad(tokenizer))
                         targets = None
@@ -245,6 +258,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
                 step_loss = 0.0
                 try:
                     for i, (batch, targets) in enumerate(micro):
+                        if graphs:  # a new forward/backward: the graphs may reuse the last one's memory from here
+                            torch.compiler.cudagraph_mark_step_begin()
                         if targets is None:
                             with autocast:
                                 targets = teacher_targets(teacher, batch)
@@ -276,7 +291,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
                 step_seconds.append(time.perf_counter() - t_step)
                 done = step + 1
                 if heldout and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                    evals.append({"step": done, **evaluate_kd(teacher, student, heldout, cfg.quantize_aware)})
+                    with eager():
+                        evals.append({"step": done, **evaluate_kd(teacher, student, heldout, cfg.quantize_aware)})
                 if ckpt is not None and rank == 0 and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                     save_checkpoint(ckpt, student, opt, done, mix_rng.getstate())
                     good_step = done
@@ -287,7 +303,8 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
             p.restore()
     seconds = time.perf_counter() - t0
     metrics = {"device": device.type, "precision": "bf16" if bf16 else "fp32", "world_size": world,
-               "compiled": cfg.compile, "checkpointed_blocks": n_ckpt, "loss": cfg.loss.kind, "steps": cfg.steps,
+               "compiled": cfg.compile, "cuda_graphs": graphs, "memory_budget": cfg.memory_budget,
+               "checkpointed_blocks": n_ckpt, "loss": cfg.loss.kind, "steps": cfg.steps,
                "resumed_from": start, "tokens": tokens * world, "seconds": round(seconds, 2),
                "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -317,6 +334,14 @@ def _eos(tokenizer, model) -> int | None:
 def _pad(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return 0 if pad is None else pad
+
+
+@contextlib.contextmanager
+def _all_suspended(patches):
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p.suspended())
+        yield
 
 
 class _null:
