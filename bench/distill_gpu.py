@@ -268,7 +268,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=None, help="also write the JSON here after every row")
-    ap.add_argument("--rows", default="naive,liger,ours,ours+compile,ours+compile+ckpt8,ours+compile+ckpt6+chunk1024,ours+cg+ckpt6+chunk1024",
+    ap.add_argument("--rows", default="naive,liger,ours,ours+compile,ours+cg+budget80+chunk1024,ours+cg+budget50+chunk1024",
                     help="comma-separated: naive | liger | ours[+compile][+ckpt] (ckpt: gradient checkpointing, "
                          "since student activations dominate the peak once the logits are gone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
