@@ -470,3 +470,57 @@ def test_one_pass_gptq_codes_and_sparsegpt_nm(tiny_model_dir, calib):
     obs_compress(model, calib, ObsConfig(pattern="2:4", one_pass=True))
     for name, mod in _block_linears(model).items():
         assert ((mod.weight == 0).reshape(mod.out_features, -1, 4).sum(-1) >= 2).all(), name
+
+
+def test_pruned_errors_loop_is_the_textbook_forward_substitution():
+    """The two-ops-per-column loop gives bit for bit what the column loop of the paper gives."""
+    from edgedistill.compress.obs import _pruned_errors
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(16, 16, generator=g)
+    U = torch.linalg.cholesky(torch.linalg.inv(A @ A.T + 16 * torch.eye(16)), upper=True)
+    W = torch.randn(16, 300, generator=g)
+    mask = torch.rand(16, 300, generator=g) < 0.5
+    R, E, m = W.clone(), torch.empty_like(W), mask.to(W.dtype)
+    for c in range(16):  # the loop as it was written before (and as the paper reads)
+        torch.mul(R[c], m[c], out=E[c]).div_(U[c, c])
+        R[c + 1:].addr_(U[c, c + 1:], E[c], alpha=-1.0)
+    out = _pruned_errors(W, U, mask, batched=False)
+    assert torch.equal(out, E) and torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    torch.testing.assert_close(_pruned_errors(W, U, mask, batched=True), E, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_attention_in_query_blocks_matches_sdpa_and_restores_the_config():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgedistill.compress.attention import NAME, QUERY_BLOCK, calibration_attention
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=6, num_key_value_heads=2, attn_implementation="sdpa"))
+    block = model.model.layers[0]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
+    h = block.register_forward_pre_hook(grab, with_kwargs=True)
+    ids = torch.randint(0, 128, (2, 2 * QUERY_BLOCK + 37))  # a ragged last query block
+    model(input_ids=ids, use_cache=False)
+    h.remove()
+    hidden = seen.pop("hidden")
+    seen.pop("hidden_states", None)
+    with torch.no_grad():
+        ref = block(hidden, **seen)
+        with calibration_attention(block):
+            assert model.config._attn_implementation == NAME
+            out = block(hidden, **seen)
+            # a padding mask is not plain causal attention: transformers' own SDPA path takes it
+            mask = torch.zeros(2, 1, ids.shape[1], ids.shape[1])
+            mask[:, :, :, :5] = float("-inf")
+            mask = mask + torch.full_like(mask, float("-inf")).triu(1)
+            mask[:, :, :5, 0] = 0.0  # no fully masked rows
+            masked = block(hidden, **{**seen, "attention_mask": mask})
+        assert model.config._attn_implementation == "sdpa"
+        masked_ref = block(hidden, **{**seen, "attention_mask": mask})
+    ref, out = (x[0] if isinstance(x, tuple) else x for x in (ref, out))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    masked, masked_ref = (x[0] if isinstance(x, tuple) else x for x in (masked, masked_ref))
+    torch.testing.assert_close(masked, masked_ref)
