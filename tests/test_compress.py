@@ -524,3 +524,14 @@ def test_calibration_attention_in_query_blocks_matches_sdpa_and_restores_the_con
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     masked, masked_ref = (x[0] if isinstance(x, tuple) else x for x in (masked, masked_ref))
     torch.testing.assert_close(masked, masked_ref)
+
+
+@pytest.mark.parametrize("n", [100, 576, 1000])
+def test_lower_inverse_by_halves(n):
+    from edgedistill.compress.obs import lower_inverse
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(A @ A.T / n + torch.eye(n, dtype=torch.float64))
+    inv = lower_inverse(L.float(), leaf=128)
+    assert torch.equal(inv, torch.tril(inv))
+    torch.testing.assert_close(inv.double(), torch.linalg.inv(L), rtol=1e-4, atol=1e-5)

@@ -133,9 +133,7 @@ def _damped(H: torch.Tensor, damp: float, name: str, upper_factor: bool) -> tupl
             # one triangular inverse instead of factorise, invert, factorise again.
             L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
             if info.item() == 0:
-                Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
-                                                     upper=False)
-                U = Linv.flip(0, 1)
+                U = lower_inverse(L).flip(0, 1)
                 if torch.isfinite(torch.diagonal(U)).all():
                     return U, dead
         else:
@@ -147,6 +145,24 @@ def _damped(H: torch.Tensor, damp: float, name: str, upper_factor: bool) -> tupl
     raise CompressError(f"layer '{name}': the calibration Hessian is not positive definite even with dampening "
                         f"{damp * DAMP_ESCALATION[-1]:.3g} × its mean diagonal. Use more calibration samples or "
                         f"raise compress.damp.")
+
+
+def lower_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L. On CPU by halves, [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]], down to
+    triangular solves of ≤ `leaf` columns: about n³/3 multiply-adds, mostly in GEMMs, where one triangular solve
+    against the identity does n³ (on the 2-core machine 48 ms less per SmolLM2-135M block). Rounding differs from
+    the single solve; over 42 calibration groups of SmolLM2-135M their SparseGPT errors differed by 5e-9 relative on
+    average (spread 7e-8), either way. On a GPU: the single solve, one kernel."""
+    n = L.shape[0]
+    if L.device.type != "cpu" or n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = (n // 2 + 63) // 64 * 64
+    a_inv, c_inv = lower_inverse(L[:h, :h], leaf), lower_inverse(L[h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[:h, :h] = a_inv
+    out[h:, h:] = c_inv
+    out[h:, :h] = -(c_inv @ (L[h:, :h] @ a_inv))
+    return out
 
 
 def reconstruction_terms(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
