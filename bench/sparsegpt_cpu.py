@@ -2,9 +2,11 @@
 
 The issue's CPU target is ≤ 45 s on 2 cores. Reports wall seconds, the process's CPU seconds
 (`time.process_time`, less sensitive to other work on a shared machine), the per-phase split that
-`compress_layerwise` records (capture: embedding forwards up to block 0; hessian: block forwards with
-the Hessian hooks; sweep: Cholesky + OBS sweeps; forward: the compressed block's re-run), the load
-average before and after, and the mean layer reconstruction error.
+`compress_layerwise` records (on CPU it runs one pass: capture = embedding forwards up to block 0; hessian = the
+Hessian products; sweep = factorisations, OBS sweeps and error metrics; forward = the block forwards, one per
+block, through the weights compressed so far), the load
+average before and after, the host's GEMM speed just before the run (`host_before_run`: the shared host's speed
+varies by tens of percent from hour to hour), and the mean layer reconstruction error.
 
     python bench/sparsegpt_cpu.py [--threads 2] [--calib 32x512] [--pattern unstructured|2:4] [--out FILE]
 
@@ -37,6 +39,27 @@ def _cpu_model() -> str:
     return f"{name} ({', '.join(bf16) or 'no native bf16'})"
 
 
+def host_gflops(threads: int) -> dict:
+    """This host's speed right now, outside the timed run: an fp32 GEMM shaped like down_proj's Hessian and a bf16
+    one shaped like a block's FFN product (best of 3 each). The shared 2-core host has run the same code's phases
+    10-30% apart from hour to hour; these put a run's seconds next to the machine it got."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16384, 1536, generator=g)
+    a = torch.randn(16384, 576, generator=g).to(torch.bfloat16)
+    w = torch.randn(1536, 576, generator=g).to(torch.bfloat16)
+    out = {}
+    for name, fn, flop in (("fp32", lambda: x.T @ x, 2 * 16384 * 1536 ** 2),
+                           ("bf16", lambda: torch.nn.functional.linear(a, w), 2 * 16384 * 576 * 1536)):
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        out[f"{name}_gemm_gflops"] = round(flop / best / 1e9, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -58,6 +81,7 @@ def main() -> None:
     cfg = ObsConfig(sparsity=args.sparsity if args.pattern == "unstructured" else 0.0, pattern=args.pattern,
                     device="cpu", cpu_threads=args.threads, forward_dtype=args.forward_dtype)
 
+    host = host_gflops(args.threads)
     load_before = os.getloadavg()
     c0, t0 = time.process_time(), time.perf_counter()
     _, metrics = obs_compress(model, calib, cfg)
@@ -70,7 +94,7 @@ def main() -> None:
               "mean_rel_error": metrics["mean_rel_error"], "max_rel_error": metrics["max_rel_error"],
               "loadavg_before": [round(x, 2) for x in load_before],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-              "cpu_model": _cpu_model()}
+              "cpu_model": _cpu_model(), "host_before_run": host}
     if args.out:
         from edgedistill.artifacts import atomic_write_json
         atomic_write_json(args.out, result)

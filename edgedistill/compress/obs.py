@@ -233,6 +233,46 @@ def _pruned_errors(Wt: torch.Tensor, U: torch.Tensor, mask_t: torch.Tensor, batc
     return E
 
 
+_KERNEL: list = []
+
+
+def _pruned_block_kernel():
+    """numba's compiled column loop for one outer block of unstructured pruning, or None without numba.
+
+    On CPU the sweep's cost is the per-column loop, not arithmetic: in torch it is a few tiny ops per column whose
+    dispatch (and the GIL, when two groups sweep side by side) dominates. Compiled, an outer block is one call that
+    releases the GIL: 1.82 s → 0.99 s for the sweeps of 7 SmolLM2-135M blocks on one thread (an outer block of a
+    576-row weight: 0.28 ms), per-layer errors equal to 1e-7 relative."""
+    if not _KERNEL:
+        try:
+            import numba
+        except ImportError:  # the torch loop below does the same work
+            _KERNEL.append(None)
+            return None
+
+        # one signature, C-contiguous arrays: the inner loops vectorise (a strided-array version ran 6× slower)
+        @numba.njit("void(float32[:, ::1], float32[:, ::1], boolean[:, ::1], float32[:, ::1])", nogil=True,
+                    cache=True, error_model="numpy")
+        def pruned_block(W1, U1, mask1, E1):
+            """In place on W1 [b, rows] (an outer block of Wᵀ): columns left to right, each pruned weight's error
+            e = w / U_cc into E1 and onto the block's later columns along U's row c, then the weight set to 0."""
+            b, rows = W1.shape
+            for c in range(b):
+                d = U1[c, c]
+                for r in range(rows):
+                    if mask1[c, r]:
+                        E1[c, r] = W1[c, r] / d
+                        W1[c, r] = 0.0
+                    else:
+                        E1[c, r] = 0.0
+                for k in range(c + 1, b):
+                    u = U1[c, k]
+                    for r in range(rows):
+                        W1[k, r] -= u * E1[c, r]
+        _KERNEL.append(pruned_block)
+    return _KERNEL[0]
+
+
 def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]]) -> torch.Tensor:
     """Exactly floor(sparsity · size) lowest-saliency weights of each segment's slice of the block."""
     score = W1.pow(2) / d.pow(2).unsqueeze(0)
@@ -414,7 +454,7 @@ _GRAPHED_NM = _GraphedNMBlock()
 def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, grid: str | None = None,
           segments: list[tuple[int, int]] | None = None, perm: torch.Tensor | None = None,
           static_scales: GroupScales | None = None, blocksize: int = 128,
-          batched_solve: bool | None = None, nm_tables: bool = True) -> SweepResult:
+          batched_solve: bool | None = None, nm_tables: bool = True, jit: bool = True) -> SweepResult:
     """Compress W [rows, cols] (columns already in processing order `perm`, if any) against U.
 
     `segments` are the row ranges of the linears stacked in W (they share one Hessian but get their own
@@ -423,7 +463,9 @@ def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, g
     Returns the weight and codes in the original column order. `batched_solve` (default: on GPUs only)
     picks how pruned sub-blocks are solved; both give the same result. Pure N:M pruning goes through
     closed-form per-group solves (`_nm_sweep`; CUDA-graphed on a GPU) unless `nm_tables` is False, which
-    runs the generic sub-block loop (same result up to rounding; kept for tests and comparison).
+    runs the generic sub-block loop (same result up to rounding; kept for tests and comparison). On CPU, pure
+    unstructured pruning runs each outer block's column loop as one numba-compiled call (`jit`; the torch
+    sub-block loop when numba is missing or `jit` is False: same result up to rounding).
 
     Internally the sweep works on Wᵀ, so that each column it visits is one contiguous row.
     """
@@ -453,6 +495,10 @@ def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, g
             W, mask = W[:, inv], mask[:, inv]
         return SweepResult(W.contiguous(), None, mask.contiguous())
 
+    # CPU, pure unstructured pruning: each outer block's column loop in one compiled call (see _pruned_block)
+    compiled_block = (jit and grid is None and pruning is not None and not pruning.structured_nm
+                      and not batched_solve and Wt.device.type == "cpu" and Wt.dtype == torch.float32
+                      and _pruned_block_kernel() is not None)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
@@ -460,6 +506,13 @@ def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, g
         mask1 = None
         if pruning and not pruning.structured_nm:
             mask1 = _unstructured_mask(W1.T, torch.diag(U1), pruning.sparsity, segments).T
+        if compiled_block:
+            mask1 = mask1.contiguous()
+            _pruned_block_kernel()(W1.numpy(), U1.contiguous().numpy(), mask1.numpy(), E1.numpy())
+            mask_t[i1:i2] = mask1
+            if i2 < cols:
+                Wt[i2:].sub_(U[i1:i2, i2:].T @ E1)
+            continue
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
             Wj, Uj = W1[j1:j2], U1[j1:j2, j1:j2]
