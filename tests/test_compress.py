@@ -553,3 +553,35 @@ def test_compiled_column_loop_equals_the_torch_sub_block_loop():
     assert torch.allclose(a.weight, b.weight, atol=1e-4 * W.abs().max().item())
     ea, eb = reconstruction_error(W, a.weight, H), reconstruction_error(W, b.weight, H)
     assert abs(ea - eb) <= 1e-3 * eb
+
+
+def test_calibration_rms_norm_in_one_pass_matches_transformers_and_keeps_other_formulas():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from edgedistill.compress.rmsnorm import _CHECKED, calibration_rms_norms
+
+    class OffsetRMSNorm(LlamaRMSNorm):  # Gemma's form, weight applied as (1 + w): not the formula the kernel computes
+        def forward(self, hidden_states):
+            h = hidden_states.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (h * (1.0 + self.weight.float())).to(hidden_states.dtype)
+
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({"a": LlamaRMSNorm(160, eps=1e-5), "b": OffsetRMSNorm(160, eps=1e-5)})
+    for m in block.values():
+        m.weight.data = torch.rand(160) + 0.5
+    block = block.to(torch.bfloat16)
+    x = (torch.randn(4, 300, 160) * 3).to(torch.bfloat16)
+    _CHECKED.clear()
+    with torch.no_grad():
+        ref = {k: m(x) for k, m in block.items()}
+        with calibration_rms_norms(block):
+            assert all("forward" in vars(m) for m in block.values())
+            out = {k: m(x) for k, m in block.items()}
+            out2 = {k: m(x) for k, m in block.items()}  # after the class check
+        assert all("forward" not in vars(m) for m in block.values())
+    for o in (out, out2):
+        d = (o["a"].float() - ref["a"].float()).abs()
+        assert (d == 0).float().mean() > 0.999 and d.max() <= 2 ** -7 * ref["a"].float().abs().max()
+        assert torch.equal(o["b"], ref["b"])  # the other formula ran through its own forward
+    assert _CHECKED[LlamaRMSNorm] is True and _CHECKED[OffsetRMSNorm] is False

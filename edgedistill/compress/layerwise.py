@@ -24,6 +24,7 @@ from ..blocks import decoder_layers
 from ..errors import CompressError
 from ..progress import progress_bar
 from .attention import calibration_attention
+from .rmsnorm import calibration_rms_norms
 from .obs import sweep_threads
 
 UNSUPPORTED_WEIGHT_MODULES = ("Conv1D", "Conv1d", "Conv2d", "Embedding", "EmbeddingBag")
@@ -242,10 +243,13 @@ def _walk_blocks(model, windows, batch_size, device, forward_dtype, label, timin
         for i, block in enumerate(blocks):
             home = next(block.parameters()).device
             block.to(device)
-            # on CPU, causal attention in query blocks (compress/attention.py); copies of the block inherit it
-            with calibration_attention(block) if device.type == "cpu" else contextlib.nullcontext():
+            # on CPU, causal attention in query blocks (compress/attention.py; copies of the block inherit it) and the
+            # runner's RMSNorms in one pass (compress/rmsnorm.py)
+            cpu = device.type == "cpu"
+            with calibration_attention(block) if cpu else contextlib.nullcontext():
                 runner = copy.deepcopy(block).to(forward_dtype) if forward_dtype != torch.float32 else block
-                yield i, len(blocks), block, runner, inputs
+                with calibration_rms_norms(runner) if cpu else contextlib.nullcontext():
+                    yield i, len(blocks), block, runner, inputs
             del runner
             block.to(home)
             bar.advance()
