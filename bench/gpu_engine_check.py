@@ -4,7 +4,8 @@ compiled + partial checkpointing vs compiled + CUDA graphs + a memory budget, wi
 Not a speed benchmark (bench/distill_gpu.py is): it checks that the GPU code paths of the loop run and that
 the compiled, checkpointed run follows the eager one (same seed, same data: loss curves within bf16 noise).
 
-    python bench/gpu_engine_check.py            # last line: JSON
+    python bench/gpu_engine_check.py [--grad-accum 2] [--runs eager,compile+graphs+budget50] [--steps 12]
+    # last line: JSON
 """
 from __future__ import annotations
 
@@ -32,17 +33,29 @@ def models():
 
 
 def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step in every run")
+    ap.add_argument("--runs", default="eager,compile+ckpt2,compile+graphs+budget50", help="comma-separated subset; "
+                    "eager is always run first (the reference)")
+    ap.add_argument("--steps", type=int, default=12)
+    a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     stream = torch.randint(0, 8192, (200_000,), generator=g).tolist()
     heldout = [TextBatches(stream[-20_000:], 256, 4, seed=1).next_batch()]
     out = {"bench": "gpu_engine_check", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    runs = (("eager", {}), ("compile+ckpt2", {"compile": True, "gradient_checkpointing": 2}),
-            ("compile+graphs+budget50", {"compile": True, "cuda_graphs": True, "memory_budget": 0.5}))
+    known = {"eager": {}, "compile+ckpt2": {"compile": True, "gradient_checkpointing": 2},
+             "compile+graphs+budget50": {"compile": True, "cuda_graphs": True, "memory_budget": 0.5}}
+    wanted = ["eager"] + [r for r in a.runs.split(",") if r and r != "eager"]
+    if any(r not in known for r in wanted):
+        sys.exit(f"--runs: expected a subset of {sorted(known)}")
+    runs = [(r, known[r]) for r in wanted]
+    out["grad_accum"] = a.grad_accum
     for name, extra in runs:
         torch._dynamo.reset()  # each run compiles (and records) its own graphs
         teacher, student = models()
-        cfg = KDConfig(steps=12, batch_size=8, seq_len=256, lr=1e-3, on_policy_fraction=0.25, max_new_tokens=32,
-                       eval_every=6, seed=0, **extra)
+        cfg = KDConfig(steps=a.steps, batch_size=8, seq_len=256, lr=1e-3, on_policy_fraction=0.25, max_new_tokens=32,
+                       eval_every=a.steps // 2, seed=0, grad_accum=a.grad_accum, **extra)
         with tempfile.TemporaryDirectory() as d:
             m = distill(teacher, student, stream[:-20_000], cfg, Path(d) / "s", heldout=heldout)
         out[name] = {k: m[k] for k in ("precision", "compiled", "cuda_graphs", "memory_budget", "checkpointed_blocks",

@@ -255,11 +255,12 @@ def distill(teacher, student, data, cfg: KDConfig, out_dir: Path, tokenizer=None
                     dist.all_reduce(count)
                 normalizer = max(count.item(), 1.0) / world  # DDP averages gradients over ranks
                 opt.zero_grad(set_to_none=True)
+                if graphs:  # a new step: the graphs may reuse the last step's memory from here. Once per step, not per
+                    # micro-batch: a later micro-batch's replay must not overwrite the gradients accumulated so far
+                    torch.compiler.cudagraph_mark_step_begin()
                 step_loss = 0.0
                 try:
                     for i, (batch, targets) in enumerate(micro):
-                        if graphs:  # a new forward/backward: the graphs may reuse the last one's memory from here
-                            torch.compiler.cudagraph_mark_step_begin()
                         if targets is None:
                             with autocast:
                                 targets = teacher_targets(teacher, batch)
