@@ -585,3 +585,20 @@ def test_calibration_rms_norm_in_one_pass_matches_transformers_and_keeps_other_f
         assert (d == 0).float().mean() > 0.999 and d.max() <= 2 ** -7 * ref["a"].float().abs().max()
         assert torch.equal(o["b"], ref["b"])  # the other formula ran through its own forward
     assert _CHECKED[LlamaRMSNorm] is True and _CHECKED[OffsetRMSNorm] is False
+
+
+def test_radix_select_mask_equals_topk():
+    from edgedistill.compress.obs import _unstructured_mask
+    g = torch.Generator().manual_seed(5)
+    Wt = torch.randn(128, 200, generator=g)  # an outer block of Wᵀ: [columns, rows]
+    Wt[7] = 0.0  # a dead input: 200 tied zero scores, all among the lowest
+    d = torch.rand(128, generator=g) + 0.1
+    for segments, sparsity in (([(0, 200)], 0.5), ([(0, 64), (64, 200)], 0.7), ([(0, 200)], 0.001)):
+        a = _unstructured_mask(Wt.T, d, sparsity, segments, jit=True)
+        b = _unstructured_mask(Wt.T, d, sparsity, segments, jit=False)
+        for r0, r1 in segments:
+            assert int(a[r0:r1].sum()) == int(b[r0:r1].sum()) == int(128 * (r1 - r0) * sparsity)
+        if sparsity > 0.01:
+            assert torch.equal(a, b)
+        else:  # fewer than the 200 tied zeros: any of them is right
+            assert bool((Wt.T[a] == 0).all())

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..errors import CompressError
@@ -273,8 +274,80 @@ def _pruned_block_kernel():
     return _KERNEL[0]
 
 
-def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]]) -> torch.Tensor:
-    """Exactly floor(sparsity · size) lowest-saliency weights of each segment's slice of the block."""
+def _select_kernel():
+    """numba's selection of an outer block's lowest-saliency weights, or None without numba (see _unstructured_mask)."""
+    if len(_KERNEL) < 2:
+        _pruned_block_kernel()
+        if _KERNEL[0] is None:
+            _KERNEL.append(None)
+            return None
+        import numba
+
+        @numba.njit("void(float32[:, ::1], float32[::1], int64, int64, int64, float32[:, ::1], boolean[:, ::1])",
+                    nogil=True, cache=True, error_model="numpy")
+        def lowest(W1, d, r0, r1, k, scratch, mask):
+            """mask[:, r0:r1] = the k lowest w²/d² of W1[:, r0:r1] (W1 is an outer block of Wᵀ, [b, rows]), by a radix
+            select on the scores' bits (non-negative floats order as their bits do): two 16-bit histogram passes and
+            one marking pass, where topk sorts. Scores are computed as torch computes them (fp32 w², d², quotient);
+            ties at the threshold are taken in order."""
+            b = W1.shape[0]
+            bits = scratch.view(np.uint32)
+            hist = np.zeros(65536, np.int64)
+            for c in range(b):
+                dd = d[c] * d[c]
+                for r in range(r0, r1):
+                    w = W1[c, r]
+                    scratch[c, r] = (w * w) / dd
+                    hist[bits[c, r] >> 16] += 1
+            below, hi = 0, 0
+            while below + hist[hi] < k:
+                below += hist[hi]
+                hi += 1
+            hist[:] = 0
+            for c in range(b):
+                for r in range(r0, r1):
+                    if bits[c, r] >> 16 == hi:
+                        hist[bits[c, r] & 0xFFFF] += 1
+            lo = 0
+            while below + hist[lo] < k:
+                below += hist[lo]
+                lo += 1
+            t = np.uint32((hi << 16) | lo)
+            ties = k - below
+            for c in range(b):
+                for r in range(r0, r1):
+                    u = bits[c, r]
+                    if u < t:
+                        mask[c, r] = True
+                    elif u == t and ties > 0:
+                        mask[c, r] = True
+                        ties -= 1
+                    else:
+                        mask[c, r] = False
+        _KERNEL.append(lowest)
+    return _KERNEL[1]
+
+
+def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]],
+                       jit: bool = True) -> torch.Tensor:
+    """Exactly floor(sparsity · size) lowest-saliency weights of each segment's slice of the block (W1: [rows, b]).
+    On CPU through numba's radix select on the contiguous Wᵀ block when W1 is its transpose (the sweep's case)."""
+    kernel = _select_kernel() if jit and W1.device.type == "cpu" and W1.dtype == torch.float32 else None
+    if kernel is not None and W1.T.is_contiguous():
+        Wt1 = W1.T
+        mask_t = torch.empty(Wt1.shape, dtype=torch.bool)
+        scratch = torch.empty(Wt1.shape, dtype=torch.float32)
+        Wa, da, sa, ma = Wt1.numpy(), d.contiguous().numpy(), scratch.numpy(), mask_t.numpy()
+        covered = 0
+        for r0, r1 in segments:
+            kernel(Wa, da, r0, r1, int(Wt1.shape[0] * (r1 - r0) * sparsity), sa, ma)
+            covered += r1 - r0
+        if covered != Wt1.shape[1]:  # rows in no segment are not pruned
+            keep = torch.ones(Wt1.shape[1], dtype=torch.bool)
+            for r0, r1 in segments:
+                keep[r0:r1] = False
+            mask_t[:, keep] = False
+        return mask_t.T
     score = W1.pow(2) / d.pow(2).unsqueeze(0)
     mask = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
     for r0, r1 in segments:
@@ -505,7 +578,7 @@ def sweep(W: torch.Tensor, U: torch.Tensor, *, pruning: Pruning | None = None, g
         E1 = torch.zeros_like(W1)
         mask1 = None
         if pruning and not pruning.structured_nm:
-            mask1 = _unstructured_mask(W1.T, torch.diag(U1), pruning.sparsity, segments).T
+            mask1 = _unstructured_mask(W1.T, torch.diag(U1), pruning.sparsity, segments, jit).T
         if compiled_block:
             mask1 = mask1.contiguous()
             _pruned_block_kernel()(W1.numpy(), U1.contiguous().numpy(), mask1.numpy(), E1.numpy())
