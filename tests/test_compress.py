@@ -602,3 +602,24 @@ def test_radix_select_mask_equals_topk():
             assert torch.equal(a, b)
         else:  # fewer than the 200 tied zeros: any of them is right
             assert bool((Wt.T[a] == 0).all())
+
+
+def test_numba_kernels_built_once_when_two_sweeps_start_together():
+    """Two groups' sweeps start side by side on threads; their first use of the kernels must not race (it did: one
+    thread got the column loop where it asked for the selection)."""
+    import threading
+
+    from edgedistill.compress import obs
+    obs._KERNELS.clear()
+    got, start = [], threading.Barrier(4)
+
+    def use(which):
+        start.wait()
+        got.append((which, (obs._select_kernel if which == "lowest" else obs._pruned_block_kernel)()))
+    threads = [threading.Thread(target=use, args=(w,)) for w in ("lowest", "pruned_block") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(fn is obs._KERNELS[which] for which, fn in got)
+    assert obs._KERNELS["lowest"] is not obs._KERNELS["pruned_block"]

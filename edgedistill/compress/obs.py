@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -234,98 +235,100 @@ def _pruned_errors(Wt: torch.Tensor, U: torch.Tensor, mask_t: torch.Tensor, batc
     return E
 
 
-_KERNEL: list = []
+_KERNELS: dict = {}  # "pruned_block", "lowest" → numba function, or None without numba; built once, under the lock
+_KERNELS_LOCK = threading.Lock()
 
 
 def _pruned_block_kernel():
-    """numba's compiled column loop for one outer block of unstructured pruning, or None without numba.
-
-    On CPU the sweep's cost is the per-column loop, not arithmetic: in torch it is a few tiny ops per column whose
-    dispatch (and the GIL, when two groups sweep side by side) dominates. Compiled, an outer block is one call that
-    releases the GIL: 1.82 s → 0.99 s for the sweeps of 7 SmolLM2-135M blocks on one thread (an outer block of a
-    576-row weight: 0.28 ms), per-layer errors equal to 1e-7 relative."""
-    if not _KERNEL:
-        try:
-            import numba
-        except ImportError:  # the torch loop below does the same work
-            _KERNEL.append(None)
-            return None
-
-        # one signature, C-contiguous arrays: the inner loops vectorise (a strided-array version ran 6× slower)
-        @numba.njit("void(float32[:, ::1], float32[:, ::1], boolean[:, ::1], float32[:, ::1])", nogil=True,
-                    cache=True, error_model="numpy")
-        def pruned_block(W1, U1, mask1, E1):
-            """In place on W1 [b, rows] (an outer block of Wᵀ): columns left to right, each pruned weight's error
-            e = w / U_cc into E1 and onto the block's later columns along U's row c, then the weight set to 0."""
-            b, rows = W1.shape
-            for c in range(b):
-                d = U1[c, c]
-                for r in range(rows):
-                    if mask1[c, r]:
-                        E1[c, r] = W1[c, r] / d
-                        W1[c, r] = 0.0
-                    else:
-                        E1[c, r] = 0.0
-                for k in range(c + 1, b):
-                    u = U1[c, k]
-                    for r in range(rows):
-                        W1[k, r] -= u * E1[c, r]
-        _KERNEL.append(pruned_block)
-    return _KERNEL[0]
+    return _kernels()["pruned_block"]
 
 
 def _select_kernel():
     """numba's selection of an outer block's lowest-saliency weights, or None without numba (see _unstructured_mask)."""
-    if len(_KERNEL) < 2:
-        _pruned_block_kernel()
-        if _KERNEL[0] is None:
-            _KERNEL.append(None)
-            return None
-        import numba
+    return _kernels()["lowest"]
 
-        @numba.njit("void(float32[:, ::1], float32[::1], int64, int64, int64, float32[:, ::1], boolean[:, ::1])",
-                    nogil=True, cache=True, error_model="numpy")
-        def lowest(W1, d, r0, r1, k, scratch, mask):
-            """mask[:, r0:r1] = the k lowest w²/d² of W1[:, r0:r1] (W1 is an outer block of Wᵀ, [b, rows]), by a radix
-            select on the scores' bits (non-negative floats order as their bits do): two 16-bit histogram passes and
-            one marking pass, where topk sorts. Scores are computed as torch computes them (fp32 w², d², quotient);
-            ties at the threshold are taken in order."""
-            b = W1.shape[0]
-            bits = scratch.view(np.uint32)
-            hist = np.zeros(65536, np.int64)
-            for c in range(b):
-                dd = d[c] * d[c]
-                for r in range(r0, r1):
-                    w = W1[c, r]
-                    scratch[c, r] = (w * w) / dd
-                    hist[bits[c, r] >> 16] += 1
-            below, hi = 0, 0
-            while below + hist[hi] < k:
-                below += hist[hi]
-                hi += 1
-            hist[:] = 0
-            for c in range(b):
-                for r in range(r0, r1):
-                    if bits[c, r] >> 16 == hi:
-                        hist[bits[c, r] & 0xFFFF] += 1
-            lo = 0
-            while below + hist[lo] < k:
-                below += hist[lo]
-                lo += 1
-            t = np.uint32((hi << 16) | lo)
-            ties = k - below
-            for c in range(b):
-                for r in range(r0, r1):
-                    u = bits[c, r]
-                    if u < t:
-                        mask[c, r] = True
-                    elif u == t and ties > 0:
-                        mask[c, r] = True
-                        ties -= 1
-                    else:
-                        mask[c, r] = False
-        _KERNEL.append(lowest)
-    return _KERNEL[1]
+
+def _kernels() -> dict:
+    """The numba kernels of the CPU sweep, built (or loaded from numba's cache) on first use, once: two groups'
+    sweeps start side by side on threads."""
+    with _KERNELS_LOCK:
+        if not _KERNELS:
+            _KERNELS.update(_build_kernels())
+    return _KERNELS
+
+
+def _build_kernels() -> dict:
+    """On CPU the sweep's cost is its per-column loop, not arithmetic: in torch a few tiny ops per column whose
+    dispatch (and the GIL, when two groups sweep side by side) dominates. Compiled, an outer block is one call that
+    releases the GIL: 1.82 s → 0.99 s for the sweeps of 7 SmolLM2-135M blocks on one thread (an outer block of a
+    576-row weight: 0.28 ms), per-layer errors equal to 1e-7 relative. Without numba: None, and the torch loops."""
+    try:
+        import numba
+    except ImportError:
+        return {"pruned_block": None, "lowest": None}
+
+    # one signature, C-contiguous arrays: the inner loops vectorise (a strided-array version ran 6× slower)
+    @numba.njit("void(float32[:, ::1], float32[:, ::1], boolean[:, ::1], float32[:, ::1])", nogil=True,
+                cache=True, error_model="numpy")
+    def pruned_block(W1, U1, mask1, E1):
+        """In place on W1 [b, rows] (an outer block of Wᵀ): columns left to right, each pruned weight's error
+        e = w / U_cc into E1 and onto the block's later columns along U's row c, then the weight set to 0."""
+        b, rows = W1.shape
+        for c in range(b):
+            d = U1[c, c]
+            for r in range(rows):
+                if mask1[c, r]:
+                    E1[c, r] = W1[c, r] / d
+                    W1[c, r] = 0.0
+                else:
+                    E1[c, r] = 0.0
+            for k in range(c + 1, b):
+                u = U1[c, k]
+                for r in range(rows):
+                    W1[k, r] -= u * E1[c, r]
+
+    @numba.njit("void(float32[:, ::1], float32[::1], int64, int64, int64, float32[:, ::1], boolean[:, ::1])",
+                nogil=True, cache=True, error_model="numpy")
+    def lowest(W1, d, r0, r1, k, scratch, mask):
+        """mask[:, r0:r1] = the k lowest w²/d² of W1[:, r0:r1] (W1 is an outer block of Wᵀ, [b, rows]), by a radix
+        select on the scores' bits (non-negative floats order as their bits do): two 16-bit histogram passes and
+        one marking pass, where topk sorts. Scores are computed as torch computes them (fp32 w², d², quotient);
+        ties at the threshold are taken in order."""
+        b = W1.shape[0]
+        bits = scratch.view(np.uint32)
+        hist = np.zeros(65536, np.int64)
+        for c in range(b):
+            dd = d[c] * d[c]
+            for r in range(r0, r1):
+                w = W1[c, r]
+                scratch[c, r] = (w * w) / dd
+                hist[bits[c, r] >> 16] += 1
+        below, hi = 0, 0
+        while below + hist[hi] < k:
+            below += hist[hi]
+            hi += 1
+        hist[:] = 0
+        for c in range(b):
+            for r in range(r0, r1):
+                if bits[c, r] >> 16 == hi:
+                    hist[bits[c, r] & 0xFFFF] += 1
+        lo = 0
+        while below + hist[lo] < k:
+            below += hist[lo]
+            lo += 1
+        t = np.uint32((hi << 16) | lo)
+        ties = k - below
+        for c in range(b):
+            for r in range(r0, r1):
+                u = bits[c, r]
+                if u < t:
+                    mask[c, r] = True
+                elif u == t and ties > 0:
+                    mask[c, r] = True
+                    ties -= 1
+                else:
+                    mask[c, r] = False
+    return {"pruned_block": pruned_block, "lowest": lowest}
 
 
 def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segments: list[tuple[int, int]],

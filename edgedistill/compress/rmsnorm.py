@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -22,41 +23,46 @@ import torch
 log = logging.getLogger("edgedistill.compress")
 
 _KERNEL: list = []
+_KERNEL_LOCK = threading.Lock()
 
 
 def _kernel():
-    if not _KERNEL:
-        try:
-            import numba
-        except ImportError:
-            _KERNEL.append(None)
-            return None
-
-        @numba.njit("void(uint16[:, ::1], float32[::1], float32, uint16[:, ::1], int64, int64)", nogil=True,
-                    cache=True, error_model="numpy")
-        def rms_rows(x, w, eps, out, r0, r1):
-            h = x.shape[1]
-            bits = np.empty(h, np.uint32)
-            vals = bits.view(np.float32)
-            for i in range(r0, r1):
-                for j in range(h):
-                    bits[j] = np.uint32(x[i, j]) << 16  # bf16 → fp32, exactly
-                acc = 0.0
-                for j in range(h):
-                    acc += np.float64(vals[j]) * np.float64(vals[j])
-                scale = np.float32(1.0) / np.sqrt(np.float32(acc / h) + eps)
-                for j in range(h):
-                    vals[j] = vals[j] * scale
-                for j in range(h):  # round to bf16 (nearest, ties to even), then weight × it, rounded again
-                    u = bits[j]
-                    bits[j] = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16) << 16
-                for j in range(h):
-                    vals[j] = vals[j] * w[j]
-                for j in range(h):
-                    u = bits[j]
-                    out[i, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
-        _KERNEL.append(rms_rows)
+    with _KERNEL_LOCK:
+        if not _KERNEL:
+            _KERNEL.append(_build())
     return _KERNEL[0]
+
+
+def _build():
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit("void(uint16[:, ::1], float32[::1], float32, uint16[:, ::1], int64, int64)", nogil=True,
+                cache=True, error_model="numpy")
+    def rms_rows(x, w, eps, out, r0, r1):
+        h = x.shape[1]
+        bits = np.empty(h, np.uint32)
+        vals = bits.view(np.float32)
+        for i in range(r0, r1):
+            for j in range(h):
+                bits[j] = np.uint32(x[i, j]) << 16  # bf16 → fp32, exactly
+            acc = 0.0
+            for j in range(h):
+                acc += np.float64(vals[j]) * np.float64(vals[j])
+            scale = np.float32(1.0) / np.sqrt(np.float32(acc / h) + eps)
+            for j in range(h):
+                vals[j] = vals[j] * scale
+            for j in range(h):  # round to bf16 (nearest, ties to even), then weight × it, rounded again
+                u = bits[j]
+                bits[j] = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16) << 16
+            for j in range(h):
+                vals[j] = vals[j] * w[j]
+            for j in range(h):
+                u = bits[j]
+                out[i, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
+    return rms_rows
 
 
 def _as_u16(t: torch.Tensor) -> np.ndarray:
