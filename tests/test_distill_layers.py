@@ -21,22 +21,24 @@ def _grads(model, ids):
     return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward of `model`'s backbone."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=ids, use_cache=False).last_hidden_state.sum()
+    return sum(seen.values())
+
+
 def test_partial_checkpointing_saves_fewer_activations_and_keeps_gradients():
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     model = _model()
     ref_h, ref_g = _grads(model, ids)
 
-    def saved_bytes():
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.model(input_ids=ids, use_cache=False).last_hidden_state.sum()
-        return sum(seen.values())
-
-    full = saved_bytes()
+    full = _saved_bytes(model, ids)
     sizes = []
     for n in (2, 4):
         patch = patch_layers(model, checkpoint_layers=n)
@@ -46,7 +48,7 @@ def test_partial_checkpointing_saves_fewer_activations_and_keeps_gradients():
         assert g.keys() == ref_g.keys()
         for k in g:
             torch.testing.assert_close(g[k], ref_g[k], rtol=1e-5, atol=1e-7)
-        sizes.append(saved_bytes())
+        sizes.append(_saved_bytes(model, ids))
         patch.restore()
         assert all("forward" not in vars(layer) for layer in model.model.layers)
     assert full > sizes[0] > sizes[1]
@@ -97,16 +99,6 @@ def test_memory_budget_makes_the_compiled_blocks_save_less_and_keeps_gradients()
     model = _model(2)
     ref_h, ref_g = _grads(model, ids)
 
-    def saved_bytes():
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.model(input_ids=ids, use_cache=False).last_hidden_state.sum()
-        return sum(seen.values())
-
     sizes = []
     for budget in (None, 0.05):
         torch._dynamo.reset()  # the budget acts when a block compiles
@@ -115,7 +107,7 @@ def test_memory_budget_makes_the_compiled_blocks_save_less_and_keeps_gradients()
         torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
         for k in ref_g:
             torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6)
-        sizes.append(saved_bytes())
+        sizes.append(_saved_bytes(model, ids))
         patch.restore()
     assert sizes[1] < sizes[0]
     with pytest.raises(DistillError, match="fraction"):
