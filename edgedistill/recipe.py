@@ -46,6 +46,17 @@ class DataSpec(Section):
     seed: int = 0
 
 
+def compile_switch_problem(compile: bool, cuda_graphs: bool, memory_budget: float | None) -> str | None:
+    """What is wrong with distill.cuda_graphs / memory_budget given distill.compile, or None: the one rule the recipe
+    and the engine's KDConfig both apply."""
+    for name, value in (("cuda_graphs", cuda_graphs), ("memory_budget", memory_budget)):
+        if value not in (None, False) and not compile:
+            return f"distill.{name} acts on the compiled blocks: set distill.compile: true as well."
+    if memory_budget is not None and not 0.0 < memory_budget < 1.0:
+        return f"distill.memory_budget {memory_budget}: expected a fraction in (0, 1)."
+    return None
+
+
 class DistillSpec(Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KL(teacher‖student), KL(student‖teacher) or generalized JSD")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight: 0 → forward KL, 1 → reverse KL")
@@ -93,9 +104,9 @@ class DistillSpec(Section):
     def _fractions(self) -> "DistillSpec":
         if self.on_policy_fraction + self.sequence_kd_fraction > 1.0:
             raise ValueError("distill.on_policy_fraction + sequence_kd_fraction must be at most 1")
-        for name in ("cuda_graphs", "memory_budget"):
-            if getattr(self, name) not in (None, False) and not self.compile:
-                raise ValueError(f"distill.{name} acts on the compiled blocks: set distill.compile: true as well")
+        problem = compile_switch_problem(self.compile, self.cuda_graphs, self.memory_budget)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

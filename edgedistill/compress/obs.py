@@ -338,18 +338,11 @@ def _unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, segme
     kernel = _select_kernel() if jit and W1.device.type == "cpu" and W1.dtype == torch.float32 else None
     if kernel is not None and W1.T.is_contiguous():
         Wt1 = W1.T
-        mask_t = torch.empty(Wt1.shape, dtype=torch.bool)
+        mask_t = torch.zeros(Wt1.shape, dtype=torch.bool)  # rows in no segment stay unpruned
         scratch = torch.empty(Wt1.shape, dtype=torch.float32)
         Wa, da, sa, ma = Wt1.numpy(), d.contiguous().numpy(), scratch.numpy(), mask_t.numpy()
-        covered = 0
         for r0, r1 in segments:
             kernel(Wa, da, r0, r1, int(Wt1.shape[0] * (r1 - r0) * sparsity), sa, ma)
-            covered += r1 - r0
-        if covered != Wt1.shape[1]:  # rows in no segment are not pruned
-            keep = torch.ones(Wt1.shape[1], dtype=torch.bool)
-            for r0, r1 in segments:
-                keep[r0:r1] = False
-            mask_t[:, keep] = False
         return mask_t.T
     score = W1.pow(2) / d.pow(2).unsqueeze(0)
     mask = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)

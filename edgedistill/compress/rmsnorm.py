@@ -104,8 +104,12 @@ def _pool(workers: int):
 _CHECKED: dict = {}  # norm class → does its forward compute the formula above (checked on its first call)
 
 
+def _eps(module) -> float | None:
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None))
+
+
 def _fused_forward(module, own):
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    eps = _eps(module)
     cls = type(module)
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,7 @@ def calibration_rms_norms(block: torch.nn.Module) -> Iterator[None]:
     patched = []
     for mod in block.modules():
         w = getattr(mod, "weight", None)
-        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+        eps = _eps(mod)
         if (type(mod).__name__.endswith("RMSNorm") and isinstance(w, torch.nn.Parameter) and w.dim() == 1
                 and isinstance(eps, float) and "forward" not in vars(mod)):
             mod.forward = _fused_forward(mod, mod.forward)

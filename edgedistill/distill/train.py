@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..data.batches import Batch, TextBatches
 from ..errors import DistillError
 from ..progress import progress_bar
+from ..recipe import compile_switch_problem
 from . import qat
 from .layers import checkpoint_count, patch_layers
 from .losses import DenseTeacher, LossSpec, TopKTeacher, kd_loss
@@ -88,11 +89,9 @@ class KDConfig:
         if self.quantize_aware:
             qat.check_grid(self.quantize_aware)
         checkpoint_count(self.gradient_checkpointing, 0)  # refuses a negative block count, naming the field
-        for name in ("cuda_graphs", "memory_budget"):
-            if getattr(self, name) not in (None, False) and not self.compile:
-                raise DistillError(f"distill.{name} acts on the compiled blocks: set distill.compile: true as well.")
-        if self.memory_budget is not None and not 0.0 < self.memory_budget < 1.0:
-            raise DistillError(f"distill.memory_budget {self.memory_budget}: expected a fraction in (0, 1).")
+        problem = compile_switch_problem(self.compile, self.cuda_graphs, self.memory_budget)
+        if problem:
+            raise DistillError(problem)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DistillError(f"precision '{self.precision}' is unknown; expected auto, fp32 or bf16.")
 
