@@ -6,7 +6,8 @@ The issue's CPU target is ≤ 45 s on 2 cores. Reports wall seconds, the process
 Hessian products; sweep = factorisations, OBS sweeps and error metrics; forward = the block forwards, one per
 block, through the weights compressed so far), the load
 average before and after, the host's GEMM speed just before the run (`host_before_run`: the shared host's speed
-varies by tens of percent from hour to hour), and the mean layer reconstruction error.
+varies by tens of percent from hour to hour), which kernel made the Hessians' products (`hessian_kernel`), and
+the mean layer reconstruction error.
 
     python bench/sparsegpt_cpu.py [--threads 2] [--calib 32x512] [--pattern unstructured|2:4] [--out FILE]
 
@@ -37,6 +38,12 @@ def _cpu_model() -> str:
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     return f"{name} ({', '.join(bf16) or 'no native bf16'})"
+
+
+def _hessian_kernel() -> str:
+    """Which product the Hessians took: compress/csrc/gram_bf16.c (AVX-512 BF16) or torch's fp32 GEMM."""
+    from edgedistill.compress.gram import gram_kernel
+    return "avx512_bf16 (compress/csrc/gram_bf16.c)" if gram_kernel() is not None else "torch fp32 GEMM"
 
 
 def host_gflops(threads: int) -> dict:
@@ -94,7 +101,7 @@ def main() -> None:
               "mean_rel_error": metrics["mean_rel_error"], "max_rel_error": metrics["max_rel_error"],
               "loadavg_before": [round(x, 2) for x in load_before],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-              "cpu_model": _cpu_model(), "host_before_run": host}
+              "cpu_model": _cpu_model(), "host_before_run": host, "hessian_kernel": _hessian_kernel()}
     if args.out:
         from edgedistill.artifacts import atomic_write_json
         atomic_write_json(args.out, result)

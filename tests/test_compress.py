@@ -89,11 +89,12 @@ def test_joint_sparsity_and_quantization():
 
 
 # ---------------------------------------------------------------- numerics
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("d", [48, 600, 1100])
-def test_hessian_accumulator_matches_2xxt(d):
+def test_hessian_accumulator_matches_2xxt(d, native):
     from edgedistill.compress.obs import HessianAccumulator
     x = torch.randn(3, 200, d, dtype=torch.float64)
-    acc = HessianAccumulator(d, "cpu")
+    acc = HessianAccumulator(d, "cpu", native=native)
     acc.add(x[0].to(torch.bfloat16))
     acc.add(x[1:].to(torch.bfloat16))
     xb = x.to(torch.bfloat16).double().reshape(-1, d)
@@ -101,6 +102,72 @@ def test_hessian_accumulator_matches_2xxt(d):
     assert acc.H.dtype == torch.float32 and acc.tokens == 600
     assert torch.allclose(acc.H.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
     assert torch.allclose(acc.H, acc.H.T, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
+def _gram_kernel_or_skip():
+    from edgedistill.compress.gram import cpu_has_bf16_dot, gram_kernel
+    if not cpu_has_bf16_dot():
+        pytest.skip("this CPU has no AVX-512 BF16: Hessians take the torch path (tested above)")
+    fn = gram_kernel()
+    assert fn is not None, "the CPU has AVX-512 BF16 but the bf16 Hessian kernel did not build or failed its check"
+    return fn
+
+
+@pytest.mark.parametrize("n,d,threads", [(1, 5, 1), (2, 16, 2), (101, 70, 2), (257, 200, 3), (1000, 97, 1),
+                                         (3, 130, 4)])
+def test_gram_bf16_kernel_matches_float64(n, d, threads):
+    """Odd row counts (a zero partner row), features off the 16/48-wide tiles, more threads than row pairs; both
+    triangles written; beta scales the previous value."""
+    from edgedistill.compress.gram import gram_bf16_
+    _gram_kernel_or_skip()
+    g = torch.Generator().manual_seed(n * d)
+    x = (torch.randn(n, d, generator=g) * torch.rand(d, generator=g) * 5).to(torch.bfloat16)
+    ref = x.double().T @ x.double()
+    out = torch.full((d, d), float("nan"))
+    assert gram_bf16_(out, x, 2.0, 0.0, threads)  # beta 0: the NaNs are not read
+    tol = 1e-6 * ref.abs().max().item() + 1e-30
+    assert torch.allclose(out.double(), 2 * ref, rtol=0, atol=2 * tol)
+    assert torch.equal(out, out.T)
+    assert gram_bf16_(out, x, 1.0, 0.5, threads)
+    assert torch.allclose(out.double(), 2 * ref, rtol=0, atol=3 * tol)
+
+
+def test_gram_bf16_strided_input_and_mixed_paths():
+    """A column slice of a wider tensor (row stride ≠ features), and a Hessian fed once by the kernel (bf16) and
+    once by the torch path (fp32 input) sums both."""
+    from edgedistill.compress.gram import gram_bf16_
+    from edgedistill.compress.obs import HessianAccumulator
+    _gram_kernel_or_skip()
+    wide = torch.randn(300, 120).to(torch.bfloat16)
+    x = wide[:, 10:90]
+    out = torch.zeros(80, 80)
+    assert gram_bf16_(out, x, 1.0, 0.0)
+    ref = x.double().T @ x.double()
+    assert torch.allclose(out.double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    acc = HessianAccumulator(80, "cpu")
+    acc.add(x[:100])                # kernel
+    acc.add(x[100:].float())        # torch panels
+    assert torch.allclose(acc.H.double(), 2 * ref / 300, rtol=0, atol=1e-6 * ref.abs().max().item())
+    assert torch.equal(acc.H, acc.H.T)
+
+
+def test_gram_bf16_kernel_off_switch_and_missing_compiler(tmp_path, monkeypatch):
+    """EDGEDISTILL_NATIVE=0, or no working C compiler: no kernel, no exception (the torch path serves); a built
+    kernel is reused from the cache."""
+    from edgedistill.compress import gram
+    _gram_kernel_or_skip()
+    monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path))
+    monkeypatch.setenv("EDGEDISTILL_NATIVE", "0")
+    assert gram._load() is None
+    monkeypatch.setenv("EDGEDISTILL_NATIVE", "1")
+    monkeypatch.setenv("CC", "false")
+    assert gram._load() is None and not list(tmp_path.rglob("*.so"))
+    monkeypatch.delenv("CC")
+    assert gram._load() is not None
+    built = list(tmp_path.rglob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert gram._load() is not None and built[0].stat().st_mtime_ns == stamp
 
 
 def test_dead_inputs_and_damp_escalation(caplog):

@@ -64,26 +64,37 @@ class SweepResult:
 class HessianAccumulator:
     """Running H = 2/n Σ x xᵀ in fp32 over calibration tokens (any leading shape; last dim = features).
 
-    H is symmetric, so only its lower triangle is multiplied, as row panels of ~`BLOCK_COLS` rows:
-    panel p gets X[:, p]ᵀ X[:, :p.stop], one GEMM each (4 panels cover 62.5% of the full product for
-    SmolLM2's 1536-wide down_proj input); `H` mirrors the upper triangle once when read. The input is
-    converted to fp32 once, untransposed: BLAS reads the transposed column slice directly (a transposed
-    copy cost as much as the products)."""
+    bf16 inputs on a CPU with AVX-512 BF16 go to `gram.gram_bf16_`: bf16 products, fp32 accumulation, at the bf16
+    rate (`native=False` or `EDGEDISTILL_NATIVE=0` turns it off). Otherwise H is symmetric, so only its lower
+    triangle is multiplied, as row panels of ~`BLOCK_COLS` rows: panel p gets X[:, p]ᵀ X[:, :p.stop], one GEMM
+    each (4 panels cover 62.5% of the full product for SmolLM2's 1536-wide down_proj input); `H` mirrors the upper
+    triangle once when read. The input is converted to fp32 once, untransposed: BLAS reads the transposed column
+    slice directly (a transposed copy cost as much as the products)."""
 
     BLOCK_COLS = 384
 
-    def __init__(self, columns: int, device: torch.device | str):
+    def __init__(self, columns: int, device: torch.device | str, native: bool = True):
         self._H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         n_blocks = max(1, round(columns / self.BLOCK_COLS))
         edges = [round(columns * k / n_blocks) for k in range(n_blocks + 1)]
         self._blocks = [slice(a, b) for a, b in zip(edges, edges[1:])]
         self.tokens = 0
-        self._mirrored = False
+        self._mirrored = True  # all zeros
+        self.native = native
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        xf = x.reshape(-1, x.shape[-1]).to(self._H.device, torch.float32)  # [tokens, features]
-        total = self.tokens + xf.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        total = self.tokens + x2.shape[0]
+        if total == self.tokens:
+            return
+        if self.native and x2.dtype == torch.bfloat16 and self._H.device.type == "cpu":
+            from .gram import gram_bf16_
+            H = self.H  # symmetric on entry: the kernel scales and writes both triangles
+            if gram_bf16_(H, x2.to(self._H.device), 2.0 / total, self.tokens / total):
+                self.tokens = total
+                return
+        xf = x2.to(self._H.device, torch.float32)  # [tokens, features]
         self._H.mul_(self.tokens / total)
         for a in self._blocks:
             self._H[a, :a.stop].addmm_(xf[:, a].T, xf[:, :a.stop], alpha=2.0 / total)
