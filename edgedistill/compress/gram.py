@@ -4,9 +4,9 @@ The block forwards run in bfloat16, so a Hessian's inputs X are bf16 values. The
 exact in fp32, so 2 XᵀX accumulated in fp32 is the fp32 Hessian of those inputs, but torch on CPU has no GEMM
 for it: its bf16 matmul rounds the result to bf16 (and aten's `mm.dtype` with an fp32 output is CUDA-only), so
 `HessianAccumulator` converted X to fp32 and ran fp32 GEMMs at half the bf16 rate. `csrc/gram_bf16.c` does the
-product with AVX-512 BF16 dot products (fp32 accumulators, lower triangle only, rows split across threads):
-SmolLM2-135M's 16384 × 1536 down_proj input takes 0.11–0.15 s on 2 cores against 0.31–0.34 s for the fp32
-triangle (`bench/gram_bf16.py`).
+product with AVX-512 BF16 dot products (fp32 accumulators, lower triangle only, the output's column blocks split
+across threads): SmolLM2-135M's 16384 × 1536 down_proj input takes 0.11–0.12 s on 2 cores against 0.29–0.34 s for
+the fp32 triangle (`bench/gram_bf16.py`).
 
 It is compiled on first use with the system C compiler (`$CC`, else `cc`) into the cache
 (`$EDGEDISTILL_CACHE/native/`, named by a hash of the source and flags), written atomically, and checked once
