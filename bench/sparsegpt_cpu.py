@@ -25,19 +25,14 @@ import torch
 from edgedistill.compress.methods import ObsConfig, obs_compress
 from edgedistill.data.text import load_corpus
 from edgedistill.data.tokens import token_stream, windows
+from edgedistill.host import cpu_flags, cpu_model
 from edgedistill.models import load_causal_lm, load_tokenizer, resolve_model
 
 
 def _cpu_model() -> str:
     """The CPU's name and whether it has native bf16 (the block forwards run in bf16)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return f"{name} ({', '.join(bf16) or 'no native bf16'})"
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags()]
+    return f"{cpu_model()} ({', '.join(bf16) or 'no native bf16'})"
 
 
 def _hessian_kernel() -> str:

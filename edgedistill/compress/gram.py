@@ -21,10 +21,11 @@ import logging
 import os
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
+
+from ..host import built_once, cpu_flags
 
 log = logging.getLogger("edgedistill.compress")
 
@@ -33,17 +34,10 @@ FLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
          "-shared", "-pthread"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
-_LOCK = threading.Lock()
-_STATE: dict = {}  # "fn": the ctypes function or None; set once, under the lock
 
 
 def cpu_has_bf16_dot() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return False
-    return all(flag in flags for flag in CPU_FLAGS)
+    return all(flag in cpu_flags() for flag in CPU_FLAGS)
 
 
 def _compile(target: Path) -> None:
@@ -96,12 +90,7 @@ def _self_check(fn) -> bool:
     return bool(torch.allclose(out.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item()))
 
 
-def gram_kernel():
-    """The compiled kernel (a ctypes function), or None where it cannot run; built on first use, once."""
-    with _LOCK:
-        if "fn" not in _STATE:
-            _STATE["fn"] = _load()
-    return _STATE["fn"]
+gram_kernel = built_once(_load)  # the compiled kernel (a ctypes function), or None where it cannot run
 
 
 def gram_bf16_(out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, threads: int | None = None) -> bool:
@@ -111,10 +100,10 @@ def gram_bf16_(out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float, th
     if (fn is None or x.dtype != torch.bfloat16 or out.dtype != torch.float32 or x.device.type != "cpu"
             or out.device.type != "cpu" or x.dim() != 2 or out.shape != (x.shape[1], x.shape[1])):
         return False
-    if x.stride(1) != 1:
-        x = x.contiguous()
     if out.stride(1) != 1:
         return False
+    if x.stride(1) != 1:
+        x = x.contiguous()
     threads = threads or torch.get_num_threads()
     status = fn(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), out.stride(0), float(alpha),
                 float(beta), int(threads))  # ctypes releases the GIL for the call

@@ -14,23 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from ..host import built_once
+
 log = logging.getLogger("edgedistill.compress")
-
-_KERNEL: list = []
-_KERNEL_LOCK = threading.Lock()
-
-
-def _kernel():
-    with _KERNEL_LOCK:
-        if not _KERNEL:
-            _KERNEL.append(_build())
-    return _KERNEL[0]
 
 
 def _build():
@@ -63,6 +54,9 @@ def _build():
                 u = bits[j]
                 out[i, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
     return rms_rows
+
+
+_kernel = built_once(_build)  # the numba kernel, or None without numba
 
 
 def _as_u16(t: torch.Tensor) -> np.ndarray:
